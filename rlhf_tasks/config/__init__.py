@@ -1,0 +1,21 @@
+"""Typed configuration: one pydantic model per stage plus the pipeline. See `PipelineConfig`."""
+from .pipeline import (
+    ExecutionConfig,
+    ModelsConfig,
+    PipelineConfig,
+    StoreConfig,
+    TinyModelConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    preset_path,
+)
+from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, SourceConfig
+from .training import LoraConfig, OptimConfig, TrainingConfig
+
+__all__ = [
+    "PipelineConfig", "ModelsConfig", "StoreConfig", "ExecutionConfig", "TinyModelConfig",
+    "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "PPOConfig", "EvalConfig",
+    "TrainingConfig", "OptimConfig", "LoraConfig",
+    "load_config", "config_from_dict", "parse_override", "preset_path",
+]

@@ -1,0 +1,171 @@
+"""The whole pipeline's config: models, store, execution and one section per stage; YAML + dotted overrides."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from ..errors import ConfigError
+from ._base import Section
+from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class TinyModelConfig(Section):
+    """Shape of the tiny models built locally for `tiny:<arch>` model references (tests, demo)."""
+
+    hidden_size: int = Field(64, ge=8, description="Hidden size.")
+    num_layers: int = Field(2, ge=1, description="Transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    intermediate_size: int = Field(256, ge=8, description="MLP width.")
+    vocab_size: int = Field(512, ge=64, description="Vocabulary of the locally trained BPE tokenizer.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence.")
+    seed: int = Field(0, description="Seed of the random init.")
+
+
+class ModelsConfig(Section):
+    """Where the actor and the reward model start from."""
+
+    actor: str = Field(
+        "tiny:llama",
+        description="Actor base: `tiny:llama` / `tiny:opt` (built locally), `smollm2-135m` (offline GGUF package), "
+        "a local HF folder, a hub name, or a store URI.",
+    )
+    reward: str | None = Field(None, description="Reward-model base (same forms as actor); default: the actor's.")
+    tokenizer: str | None = Field(None, description="Tokenizer (default: the actor's).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of `tiny:` models.")
+    revision: str | None = Field(None, description="Hub revision for hub model names.")
+
+
+class StoreConfig(Section):
+    """The fsspec artifact store. Credentials come from the environment (AWS_*), never from this file."""
+
+    url: str = Field("./rlhf-store", description="Root URL: a local folder or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto); default: AWS_ENDPOINT_URL or AWS's."
+    )
+    cache_dir: str | None = Field(None, description="Local download cache (default: ~/.cache/rlhf_tasks/store).")
+
+
+class ExecutionConfig(Section):
+    """Where and how stage jobs run. Not part of any stage key except `num_procs`."""
+
+    launcher: Literal["auto", "torchrun", "deepspeed", "none"] = Field(
+        "auto", description="auto: none for 1 process, torchrun for more on one node, deepspeed for multi-node."
+    )
+    num_procs: int = Field(1, ge=1, description="Processes (GPUs, or CPU ranks with gloo) per node.")
+    num_nodes: int = Field(1, ge=1, description="Nodes (multi-node uses the deepspeed launcher and a hostfile).")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node.")
+    multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm"] = Field(
+        "pdsh", description="DeepSpeed multi-node runner."
+    )
+    timeout_s: float = Field(3600.0, gt=0, description="Per-stage wall-clock limit; the job's process group is killed.")
+    retries: int = Field(1, ge=0, description="Prefect retries per stage (a retried stage resumes from a checkpoint).")
+    retry_delay_s: float = Field(5.0, ge=0, description="Delay before the first retry (doubles each time).")
+    work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Accelerator for stage jobs.")
+
+
+class PipelineConfig(Section):
+    """Everything a pipeline run needs. The same object is the CLI's config, YAML files and the Prefect form."""
+
+    experiment: str = Field("demo", description="Experiment name (flow run names, report titles).")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Base models.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Job placement.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Step 0: data blend.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: SFT.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: reward model.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and report.")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{origin}: {loc}: {msg}{more}"
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset (`tiny`, `smollm2-135m`, `opt-1.3b`, ...)."""
+    p = PRESETS_DIR / f"{name}.yaml"
+    if not p.exists():
+        known = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name!r} (known: {known})")
+    return p
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a config: the file (a path or a preset name; default: the `tiny` preset), then `--set` overrides.
+
+    Unknown keys and wrong types raise ConfigError with one line naming the key.
+    """
+    if path is None:
+        path = preset_path("tiny")
+    elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
+        path = preset_path(str(path))
+    tree = read_yaml(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, str(path))) from None
+
+
+def config_from_dict(tree: dict, origin: str = "config") -> PipelineConfig:
+    """Validate a plain dict (e.g. Prefect parameters) with the same one-line errors as files."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origin)) from None

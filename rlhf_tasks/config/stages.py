@@ -1,0 +1,144 @@
+"""One typed config per stage. Stage code reads only its own section (plus `models`)."""
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ._base import Section
+from .training import OptimConfig, TrainingConfig
+
+
+class SourceConfig(Section):
+    """One dataset in the blend."""
+
+    path: str = Field(
+        description="Local file/folder (JSON, JSONL, Parquet, CSV; DS-Chat's local/jsonfile layout), a hub name "
+        "(e.g. Dahoas/rm-static), or `demo` for the dataset shipped with the package."
+    )
+    name: str | None = Field(None, description="Short name used in messages and metrics (default: derived from path).")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the blend.")
+    schema_: str | None = Field(
+        None,
+        alias="schema",
+        description="Known schema name (rm-static, full-hh-rlhf, synthetic-instruct-gptj-pairwise, "
+        "rlhf-reward-datasets, webgpt_comparisons, shp, prompt_chosen_rejected, prompt_response); "
+        "default: inferred from the hub name or the columns.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping for other schemas: keys prompt, chosen, rejected, response_a, response_b, "
+        "score_a, score_b, label, response.",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit/tag) for hub datasets.")
+    split: str = Field("train", description="Split to read from the source.")
+    eval_split: str | None = Field(None, description="Split used for evaluation (default: carved out of `split`).")
+    sft_only: bool = Field(False, description="Use this source only for SFT (DS-Chat's sft_only_data_path).")
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (quick runs).")
+
+    model_config = Section.model_config | {"populate_by_name": True}
+
+
+class DataConfig(Section):
+    """Blend, split, validate and tokenize the datasets."""
+
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="demo")], description="Datasets to blend."
+    )
+    data_split: str = Field("2,4,4", description="Relative sizes of the SFT / reward / PPO phases (DS-Chat).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each source kept for evaluation.")
+    max_prompt_len: int = Field(64, ge=1, description="Prompts longer than this many tokens are bad rows.")
+    max_response_len: int = Field(64, ge=1, description="Responses are truncated to this many tokens (EOS kept).")
+    on_bad_row: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop at the first bad row with source:row:field; skip: drop and count them."
+    )
+    seed: int = Field(1234, description="Seed of the shuffle before the phase split.")
+
+    @field_validator("data_split")
+    @classmethod
+    def _split_ok(cls, v: str) -> str:
+        parts = v.split(",")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"data_split must be three comma-separated numbers, got {v!r}") from None
+        if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+            raise ValueError(f"data_split must be three non-negative numbers with a positive sum, got {v!r}")
+        return v
+
+
+class SFTConfig(TrainingConfig):
+    """Step 1: supervised fine-tuning of the actor on the SFT phase."""
+
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (DS-Chat does; default masks them).")
+
+
+class RewardConfig(TrainingConfig):
+    """Step 2: pairwise reward model on the reward phase."""
+
+    head_init_std: float | None = Field(
+        None, gt=0, description="Std of the value head init (default 1/sqrt(hidden+1))."
+    )
+
+
+class PPOConfig(Section):
+    """Step 3: PPO with the hybrid engine. Every coefficient DS-Chat hard-codes is a field here."""
+
+    actor: TrainingConfig = Field(default_factory=TrainingConfig, description="Actor DeepSpeed settings.")
+    critic: TrainingConfig = Field(default_factory=TrainingConfig, description="Critic DeepSpeed settings.")
+    actor_lr: float = Field(1e-5, gt=0, description="Actor learning rate (overrides actor.optim.lr).")
+    critic_lr: float = Field(5e-6, gt=0, description="Critic learning rate (overrides critic.optim.lr).")
+    prompt_batch_size: int = Field(8, ge=1, description="Prompts per experience batch (per process).")
+    generation_batches: int = Field(1, ge=1, description="Experience batches collected before training on them.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each experience buffer (reshuffled each pass).")
+    mini_batch_size: int = Field(8, ge=1, description="Sequences per PPO update.")
+    total_steps: int | None = Field(None, ge=1, description="Stop after this many experience batches (null: epochs).")
+    epochs: int = Field(1, ge=1, description="Passes over the PPO prompt set.")
+    max_new_tokens: int = Field(32, ge=1, description="Answer length limit during generation.")
+    min_new_tokens: int = Field(0, ge=0, description="Force at least this many answer tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use logits / temperature).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    kl_coef: float = Field(0.1, ge=0, description="Initial beta of the per-token KL penalty (k1).")
+    adaptive_kl: bool = Field(False, description="Ziegler adaptive KL controller instead of a fixed beta.")
+    kl_target: float = Field(6.0, gt=0, description="Target KL of the adaptive controller.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller.")
+    reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to +-this.")
+    whiten_rewards: bool = Field(False, description="Whiten scores per batch (without adding the mean back).")
+    missing_eos_penalty: float | None = Field(
+        1.0, description="Subtracted from the score of answers that end without EOS; null disables."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip around the old values.")
+    vf_coef: float = Field(0.1, ge=0, description="Value-loss coefficient.")
+    whiten_advantages: bool = Field(True, description="Masked whitening of advantages per batch.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the actor (DS-Chat: 0.992).")
+    ptx_coef: float = Field(0.0, ge=0, description="Pretraining LM loss coefficient (DS-Chat's unsup_coef); 0 off.")
+    critic_from_reward: bool = Field(True, description="Initialise the critic from the reward model.")
+    critic_warmup_steps: int = Field(0, ge=0, description="Experience batches that train only the critic first.")
+    offload_reference: bool = Field(False, description="Keep the reference model offloaded to CPU.")
+    offload_reward: bool = Field(False, description="Keep the reward model offloaded to CPU.")
+    hybrid_engine: Literal["portable", "deepspeed"] = Field(
+        "portable", description="portable: ours, any device; deepspeed: DeepSpeed's Hybrid Engine (CUDA only)."
+    )
+    inference_tp_size: int = Field(1, ge=1, description="DeepSpeed HE inference tensor parallelism.")
+    tp_gather_partition_size: int = Field(8, ge=1, description="DeepSpeed HE gather partition size.")
+    release_inference_cache: bool = Field(False, description="DeepSpeed HE: free the inference cache after use.")
+    pin_parameters: bool = Field(True, description="DeepSpeed HE: keep gathered parameters pinned.")
+    seed: int = Field(1234, description="Seed for sampling and shuffling.")
+    checkpoint_every: int = Field(0, ge=0, description="Commit a resumable checkpoint every N steps; 0 disables.")
+
+
+class EvalConfig(Section):
+    """Compare the SFT and PPO policies on held-out prompts."""
+
+    num_prompts: int = Field(64, ge=1, description="Held-out prompts to score.")
+    max_new_tokens: int = Field(32, ge=1, description="Answer length limit.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    num_samples_in_report: int = Field(8, ge=0, description="Sample prompts shown in the report.")
+    seed: int = Field(1234, description="Seed for prompt selection and sampling.")
+
+
+__all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "PPOConfig", "EvalConfig", "OptimConfig"]

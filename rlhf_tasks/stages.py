@@ -1,0 +1,213 @@
+"""The one stage key rule, the stage spec contract, and the plan.
+
+A stage is a pure function of (its config slice, the keys of its input artifacts, its code version). Its key is
+the hash of those; its artifact lives at `<store>/<stage>/<key>/`. Caching, reuse across experiments and plan's
+"why does this re-run" all follow from `stage_key_inputs`, so it lives here and nowhere else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PipelineConfig
+from .store import ArtifactStore, compute_key
+
+STAGES = ("data", "sft", "reward", "ppo", "eval")
+PKG = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key
+    module: str  # python module with `run(spec)`; launched as a job
+    code: tuple[str, ...]  # package-relative source files/folders that define this stage's code version
+    distributed: bool  # launched under the DeepSpeed launcher (else a plain single process)
+
+
+_COMMON = ("__init__.py", "models.py", "store.py", "stages.py", "stage_main.py", "config")
+_TRAIN = _COMMON + ("training",)
+STAGE_DEFS: dict[str, StageDef] = {
+    "data": StageDef("data", (), "rlhf_tasks.data.stage", _COMMON + ("data",), False),
+    "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", _TRAIN, True),
+    "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", _TRAIN, True),
+    "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", _TRAIN + ("ppo",), True),
+    "eval": StageDef("eval", ("data", "sft", "reward", "ppo"), "rlhf_tasks.evaluation.stage",
+                     _COMMON + ("evaluation", "ppo", "data/demo.py"), False),
+}
+
+
+def code_version(stage: str) -> str:
+    """sha256 over the source files that make up a stage (its modules plus the shared core)."""
+    h = hashlib.sha256()
+    for rel in STAGE_DEFS[stage].code:
+        p = PKG / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f.relative_to(PKG).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def config_slice(cfg: PipelineConfig, stage: str) -> dict:
+    """The part of the config that determines a stage's output (placement, timeouts and the store do not)."""
+    from .models import model_identity
+
+    m = cfg.models
+    actor = model_identity(m.actor, m.tiny, m.revision)
+    reward_ref = m.reward or m.actor
+    if stage == "data":
+        tok = model_identity(m.tokenizer or m.actor, m.tiny, m.revision)
+        return {"data": cfg.data.model_dump(mode="json", by_alias=True), "tokenizer": tok}
+    if stage == "sft":
+        return {"sft": cfg.sft.model_dump(mode="json"), "actor": actor, "num_procs": cfg.execution.num_procs}
+    if stage == "reward":
+        return {"reward": cfg.reward.model_dump(mode="json"), "base": model_identity(reward_ref, m.tiny, m.revision),
+                "num_procs": cfg.execution.num_procs}
+    if stage == "ppo":
+        return {"ppo": cfg.ppo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
+    if stage == "eval":
+        return {"eval": cfg.eval.model_dump(mode="json")}
+    raise KeyError(stage)
+
+
+def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
+    from .data.sources import fingerprint_source  # content hash of files; hub name + revision
+
+    return [fingerprint_source(s) for s in cfg.data.sources]
+
+
+def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str],
+                     fingerprints: list[dict] | None = None) -> dict:
+    """Everything that determines a stage's artifact. The stage key is `compute_key` of this."""
+    ki: dict[str, Any] = {
+        "stage": stage,
+        "code": code_version(stage),
+        "config": config_slice(cfg, stage),
+        "inputs": {name: input_keys[name] for name in STAGE_DEFS[stage].inputs},
+    }
+    if stage == "data":
+        ki["sources"] = fingerprints if fingerprints is not None else data_source_fingerprints(cfg)
+    return ki
+
+
+@dataclass
+class StagePlan:
+    """One line of `rlhf plan`: the stage's key and URI, whether it is cached, and why it (re)runs."""
+
+    stage: str
+    key: str
+    uri: str
+    cached: bool
+    reason: str
+    key_inputs: dict = field(repr=False, default_factory=dict)
+    input_uris: dict = field(default_factory=dict)
+
+
+def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list[StagePlan]:
+    """Compute every stage key in order and check the store. Runs nothing, starts no job."""
+    if until not in STAGES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(STAGES)})")
+    keys: dict[str, str] = {}
+    uris: dict[str, str] = {}
+    out: list[StagePlan] = []
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        ki = stage_key_inputs(cfg, stage, keys)
+        key = compute_key(ki)
+        keys[stage], uris[stage] = key, store.uri(stage, key)
+        cached = store.exists(stage, key)
+        reason = "artifact exists and verifies" if cached else explain_change(store, stage, ki)
+        out.append(StagePlan(stage, key, uris[stage], cached, reason, ki,
+                             {n: uris[n] for n in STAGE_DEFS[stage].inputs}))
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: d}
+
+
+def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
+    """Why a stage will run: the difference to the most recent complete artifact of the same stage."""
+    latest = None
+    for _, _, m in store.ls(stage):
+        if m is not None and (latest is None or m.created > latest.created):
+            latest = m
+    if latest is None:
+        return f"no {stage} artifact in the store yet"
+    old, new = _flatten(latest.key_inputs), _flatten(key_inputs)
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            name = k.removeprefix("config.")
+            if k.startswith("inputs."):
+                diffs.append(f"input {k.split('.', 1)[1]} changed")
+            elif k.startswith("sources"):
+                diffs.append(f"data source {k} changed")
+            elif k == "code":
+                diffs.append("stage code changed")
+            else:
+                diffs.append(f"{name} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
+    if not diffs:
+        return "artifact missing or failed verification"
+    more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+    return "; ".join(diffs[:4]) + more
+
+
+# ---- contract 1: the stage spec a job is launched with ---------------------------------------------------
+@dataclass
+class StageSpec:
+    """What a stage job gets: stage, key, key inputs, the full config, input URIs, output URI, store settings.
+    No secrets: credentials come from the job's environment."""
+
+    stage: str
+    key: str
+    config: dict
+    inputs: dict[str, str]
+    output_uri: str
+    store: dict
+    key_inputs: dict = field(default_factory=dict)
+    run_dir: str = ""  # local scratch folder for this job (logs, staging of the artifact before upload)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "StageSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig.model_validate(self.config)
+
+    def open_store(self) -> ArtifactStore:
+        return ArtifactStore(self.store["url"], endpoint_url=self.store.get("endpoint_url"),
+                             cache_dir=self.store.get("cache_dir"))
+
+
+def make_spec(cfg: PipelineConfig, store: ArtifactStore, p: StagePlan, run_dir: str | Path) -> StageSpec:
+    return StageSpec(stage=p.stage, key=p.key, config=cfg.model_dump(mode="json", by_alias=True),
+                     inputs=p.input_uris, output_uri=p.uri, store=store.settings(), key_inputs=p.key_inputs,
+                     run_dir=str(run_dir))
+
+
+def commit_stage_output(spec: StageSpec, local_dir: str | Path, summary: dict) -> str:
+    """Commit a finished stage's folder as its artifact (manifest last). `summary` is a flat dict of scalar
+    metrics shown by `rlhf run`; the full history goes in the folder's metrics.json. Call on rank 0 only."""
+    store = spec.open_store()
+    return store.put_dir(local_dir, spec.stage, spec.key, key_inputs=spec.key_inputs, lineage=spec.inputs,
+                         metrics=summary)
