@@ -173,6 +173,7 @@ def dispatch(args) -> int:
     if args.cmd == "store":
         return cmd_store(args)
     if args.cmd in ("run", "plan"):
+        load_selected_config(args)  # bad input fails here, before Prefect or any job starts
         from flows import cli_commands
 
         return cli_commands.cmd_run(args) if args.cmd == "run" else cli_commands.cmd_plan(args)

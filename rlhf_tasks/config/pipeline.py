@@ -109,6 +109,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 
@@ -154,13 +159,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
         path = preset_path(str(path))
     tree = read_yaml(path)
+    set_keys = []
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+        set_keys.append(key)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        origin = "--set" if any(loc == k or loc.startswith(k + ".") for k in set_keys) else str(path)
+        raise ConfigError(_format_error(e, origin)) from None
 
 
 def config_from_dict(tree: dict, origin: str = "config") -> PipelineConfig:
