@@ -18,7 +18,11 @@ class LoraConfig(Section):
     )
     only_optimize_lora: bool = Field(True, description="Freeze the base weights and train only the adapters.")
     lr: float | None = Field(None, gt=0, description="Learning rate for the adapters; default: the stage's lr.")
-    merge: bool = Field(True, description="Merge adapters into the base weights in the saved artifact.")
+    merge: bool = Field(
+        True,
+        description="The artifact root is always the merged model (one from_pretrained call loads it); false also "
+        "keeps the unmerged adapter in `adapter/`.",
+    )
 
 
 class OptimConfig(Section):
@@ -56,6 +60,7 @@ class TrainingConfig(Section):
     )
     seed: int = Field(1234, description="Seed for init, shuffling and dropout.")
     checkpoint_every: int = Field(0, ge=0, description="Commit a resumable checkpoint every N steps; 0 disables.")
+    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept per stage key (older pruned).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only before and after.")
     log_every: int = Field(1, ge=1, description="Print/record metrics every N steps.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
