@@ -1,0 +1,207 @@
+"""Hybrid engine: one actor switches between training and generation without reloading.
+
+One interface (`HybridEngine`: `generation_mode()` and `generate()`), two implementations:
+
+- `PortableHybridEngine` (any device): entering generation mode puts the model in eval mode (dropout off), gathers
+  ZeRO-3 partitioned parameters ONCE for the whole generation (not per token), merges LoRA adapters into the base
+  weights, and generates with the KV cache and left-padded prompts; leaving it unmerges LoRA (restoring the exact
+  base weights), releases the gathered parameters and restores the previous train/eval mode.
+- `DeepSpeedHybridEngine` (CUDA only): DeepSpeed's own Hybrid Engine (inference kernels, tensor-parallel
+  inference). Built by passing `deepspeed_he_config(ppo_cfg)` into the engine's DeepSpeed config. With
+  transformers 5 its `engine.generate` raises AttributeError, so we call `engine.eval(); engine.module.generate();
+  engine.train()`, which DeepSpeed patches when it injected inference layers; where it did not (no policy for the
+  model), ZeRO-3 parameters are gathered once by us as in the portable engine.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from ..errors import ConfigError
+
+
+def unwrap(engine) -> torch.nn.Module:
+    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
+    return engine.module if _is_ds_engine(engine) else engine
+
+
+def _is_ds_engine(obj) -> bool:
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return False
+    return isinstance(obj, DeepSpeedEngine)
+
+
+def is_zero3(engine) -> bool:
+    """True when the model's parameters are ZeRO-3 partitioned (training engine or ZeRO-3 inference engine)."""
+    if _is_ds_engine(engine) and engine.zero_optimization_stage() == 3:
+        return True
+    return any(hasattr(p, "ds_id") for p in unwrap(engine).parameters())
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation. -> (input_ids [B, P], attention_mask [B, P])"""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _lora_layers(module: torch.nn.Module) -> list:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+class HybridEngine:
+    """Interface: `with he.generation_mode() as model:` yields a module ready for `model.generate`, and
+    `he.generate(input_ids, attention_mask, **kwargs) -> sequences [B, P + N]` does one generation in that mode."""
+
+    name = "abstract"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = unwrap(engine)
+        self.last_gather_s = 0.0
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[torch.nn.Module]:  # pragma: no cover - interface
+        raise NotImplementedError
+        yield
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs) -> torch.Tensor:
+        """Generate from left-padded prompts. input_ids, attention_mask [B, P] -> sequences [B, P + N]."""
+        gen_kwargs.setdefault("use_cache", True)
+        with self.generation_mode() as model:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+
+class PortableHybridEngine(HybridEngine):
+    """Ours, any device and any architecture `generate` supports. `gather_zero3=False` keeps DS-Chat's slow path
+    (parameters fetched layer by layer for every token) for benchmarking; never use it for training."""
+
+    name = "portable"
+
+    def __init__(self, engine, gather_zero3: bool = True):
+        super().__init__(engine)
+        self.gather_zero3 = gather_zero3
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[torch.nn.Module]:
+        import time
+
+        module = self.module
+        was_training = module.training
+        zero3 = is_zero3(self.engine)
+        with contextlib.ExitStack() as stack:
+            module.eval()  # dropout off
+            stack.callback(module.train, was_training)
+            if zero3 and self.gather_zero3:
+                from deepspeed.runtime.zero import GatheredParameters
+
+                t0 = time.perf_counter()
+                # modifier_rank=None: every rank gets the full weights; nothing is written back on exit, so LoRA
+                # merges below are discarded with the gathered copies.
+                stack.enter_context(GatheredParameters(list(module.parameters()), modifier_rank=None))
+                self.last_gather_s = time.perf_counter() - t0
+            loras = _lora_layers(module)
+            if loras:
+                stack.enter_context(_merged_lora(loras, restore_exact=not zero3))
+            yield module
+
+
+@contextlib.contextmanager
+def _merged_lora(loras: list, restore_exact: bool):
+    """Merge LoRA adapters into the base weights; on exit unmerge and (when the weights persist, i.e. not inside a
+    ZeRO-3 gather) copy the original base weights back so merge/unmerge rounding never drifts the model."""
+    saved = [m.get_base_layer().weight.detach().clone() for m in loras] if restore_exact else None
+    for m in loras:
+        m.merge()
+    try:
+        yield
+    finally:
+        for i, m in enumerate(loras):
+            m.unmerge()
+            if saved is not None:
+                m.get_base_layer().weight.data.copy_(saved[i])
+
+
+def deepspeed_he_config(max_out_tokens: int, inference_tp_size: int = 1, tp_gather_partition_size: int = 8,
+                        release_inference_cache: bool = False, pin_parameters: bool = True) -> dict:
+    """The `hybrid_engine` section of a DeepSpeed config (merge into the actor's config to get a
+    DeepSpeedHybridEngine from deepspeed.initialize)."""
+    return {"hybrid_engine": {"enabled": True, "max_out_tokens": int(max_out_tokens),
+                              "inference_tp_size": int(inference_tp_size),
+                              "tp_gather_partition_size": int(tp_gather_partition_size),
+                              "release_inference_cache": bool(release_inference_cache),
+                              "pin_parameters": bool(pin_parameters)}}
+
+
+def check_deepspeed_he_supported(zero_stage: int, inference_tp_size: int = 1) -> None:
+    """Raise ConfigError with the reason when DeepSpeed's Hybrid Engine cannot run here."""
+    if not torch.cuda.is_available():
+        raise ConfigError("ppo.hybrid_engine: 'deepspeed' needs CUDA (DeepSpeed's Hybrid Engine swaps in CUDA-only "
+                          "inference layers); use ppo.hybrid_engine=portable on this machine")
+    if inference_tp_size > 1 and zero_stage != 3:
+        raise ConfigError("ppo.inference_tp_size > 1 needs ppo.actor.zero_stage=3 (DeepSpeed Hybrid Engine rule)")
+
+
+class DeepSpeedHybridEngine(HybridEngine):
+    """DeepSpeed's Hybrid Engine behind our interface (CUDA only). `engine` must come from deepspeed.initialize
+    with `deepspeed_he_config(...)` merged into its config."""
+
+    name = "deepspeed"
+
+    def __init__(self, engine):
+        from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine as _DSHE
+
+        if not isinstance(engine, _DSHE):
+            raise ConfigError("ppo.hybrid_engine=deepspeed: the actor engine was not built with a `hybrid_engine` "
+                              "section (deepspeed_he_config); got " + type(engine).__name__)
+        check_deepspeed_he_supported(engine.zero_optimization_stage(),
+                                     engine._config.hybrid_engine.inference_tp_size)
+        super().__init__(engine)
+
+    @property
+    def injected(self) -> bool:
+        """Whether DeepSpeed swapped in its inference layers (else generation runs HF's own code)."""
+        return len(getattr(self.engine, "_inference_containers", [])) > 0
+
+    @contextlib.contextmanager
+    def generation_mode(self) -> Iterator[torch.nn.Module]:
+        engine = self.engine
+        was_training = engine.module.training
+        engine.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                if not self.injected and engine.zero_optimization_stage() == 3:
+                    from deepspeed.runtime.zero import GatheredParameters
+
+                    stack.enter_context(GatheredParameters(list(engine.module.parameters()), modifier_rank=None))
+                if not self.injected:
+                    loras = _lora_layers(engine.module)
+                    if loras:
+                        stack.enter_context(_merged_lora(loras, restore_exact=engine.zero_optimization_stage() != 3))
+                # when injected, engine.module.generate is DeepSpeed's patched generate (gathers, fuses LoRA)
+                yield engine.module
+        finally:
+            engine.train(was_training)
+
+
+def make_hybrid_engine(kind: str, engine) -> HybridEngine:
+    """`portable` or `deepspeed` (ppo.hybrid_engine)."""
+    if kind == "portable":
+        return PortableHybridEngine(engine)
+    if kind == "deepspeed":
+        return DeepSpeedHybridEngine(engine)
+    raise ConfigError(f"ppo.hybrid_engine: unknown {kind!r} (portable or deepspeed)")
