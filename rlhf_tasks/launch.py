@@ -1,0 +1,340 @@
+"""Launch a stage job (`python -m rlhf_tasks.stage_main SPEC.json`) and babysit it.
+
+One process group per job: the job runs under a small supervisor (`python -m rlhf_tasks.launch --supervise ...`)
+that leads a new session, so the group holds the supervisor, the launcher (torchrun / deepspeed) and every rank.
+  - every output line is passed to `log` as it arrives and appended to `<run_dir>/<stage>.log`;
+  - the launcher enforces `execution.timeout_s` itself and, on timeout, on an exception in the caller
+    (KeyboardInterrupt, cancellation) and after the job ends, terminates the whole group (SIGTERM, then SIGKILL);
+  - when the caller dies (SIGKILL, crash, a cancelled flow process), the supervisor notices (PR_SET_PDEATHSIG on
+    Linux, plus a parent-pid check) and terminates the group: no orphaned ranks;
+  - inherited rendezvous variables (RANK, WORLD_SIZE, MASTER_*, ...) are dropped and a free master port is chosen
+    per job; one process runs without a launcher (rendezvous variables set), several on one node under torchrun
+    (starts faster than the deepspeed launcher and forwards SIGTERM to ranks), several nodes under the deepspeed
+    launcher with the hostfile and the chosen multinode runner (pdsh / openmpi / mvapich / slurm).
+A failed job raises StageFailed with the exit code and the tail of its log.
+
+Keep the top-level imports light: the supervisor imports this module too.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+# Variables a parent launcher or job may have left behind; a job inheriting them would join the wrong group.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                   "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
+RENDEZVOUS_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMI_", "PMIX_RANK", "MV2_COMM_WORLD_", "SLURM_PROCID")
+TAIL_LINES = 60
+KILL_GRACE_S = 10.0
+PKG_PARENT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (the job binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _gpu_present() -> bool:
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def job_env(execution, *, num_procs: int, master_port: int, base: dict | None = None) -> dict[str, str]:
+    """The environment of a job: the caller's minus rendezvous variables, plus accelerator, threading and
+    streaming settings. A lone process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT itself."""
+    env = dict(os.environ if base is None else base)
+    for k in list(env):
+        if k in RENDEZVOUS_VARS or k.startswith(RENDEZVOUS_PREFIXES):
+            del env[k]
+    if execution.device == "cpu" or (execution.device == "auto" and "DS_ACCELERATOR" not in env
+                                     and not _gpu_present()):
+        env["DS_ACCELERATOR"] = "cpu"
+    elif execution.device == "cuda":
+        env["DS_ACCELERATOR"] = "cuda"
+    if env.get("DS_ACCELERATOR") == "cpu":
+        # ranks share the cores: split them, and make idle OpenMP threads sleep instead of spinning while a
+        # rank waits in a collective.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_procs))))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TQDM_DISABLE", "1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    env["PYTHONPATH"] = os.pathsep.join([str(PKG_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                              if p and p != str(PKG_PARENT)])
+    if num_procs == 1:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(master_port))
+    return env
+
+
+def choose_launcher(execution, distributed: bool) -> str:
+    """none | torchrun | deepspeed for a stage job under `execution`."""
+    total = execution.num_procs * execution.num_nodes
+    if not distributed or total == 1:
+        return "none"
+    if execution.launcher != "auto":
+        if execution.launcher == "none":
+            from .errors import ConfigError
+
+            raise ConfigError(f"execution.launcher: none cannot start {total} processes")
+        if execution.launcher == "torchrun" and execution.num_nodes > 1:
+            from .errors import ConfigError
+
+            raise ConfigError("execution.launcher: torchrun here runs one node; multi-node uses deepspeed")
+        return execution.launcher
+    return "deepspeed" if execution.num_nodes > 1 else "torchrun"
+
+
+def build_command(spec_path: str | Path, execution, *, distributed: bool, master_port: int) -> list[str]:
+    """The job's command line (without the supervisor)."""
+    entry = ["-m", "rlhf_tasks.stage_main", str(spec_path)]
+    launcher = choose_launcher(execution, distributed)
+    py = sys.executable
+    if launcher == "none":
+        return [py, *entry]
+    if launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(execution.num_procs),
+                "--master_addr", "127.0.0.1", "--master_port", str(master_port), "--max_restarts", "0", *entry]
+    cmd = [py, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(execution.num_procs),
+           "--master_port", str(master_port)]
+    if execution.num_nodes > 1:
+        if not execution.hostfile:
+            from .errors import ConfigError
+
+            raise ConfigError("execution.hostfile: required for num_nodes > 1")
+        cmd += ["--hostfile", str(Path(execution.hostfile).expanduser()), "--num_nodes", str(execution.num_nodes),
+                "--launcher", execution.multinode_runner]
+    return [*cmd, "--module", *entry[1:]]
+
+
+def _write_deepspeed_env(env: dict[str, str], path: Path) -> None:
+    """Variables the deepspeed runner exports to remote nodes (it reads the file named by DS_ENV_FILE). Only the
+    settings we chose; credentials stay in each node's own environment."""
+    keys = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TOKENIZERS_PARALLELISM", "TQDM_DISABLE",
+            "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+            "RLHF_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "PYTHONPATH", "PYTHONUNBUFFERED")
+    path.write_text("".join(f"{k}={env[k]}\n" for k in keys if k in env))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running a command in its own process group
+# ---------------------------------------------------------------------------------------------------------
+def kill_group(pgid: int, grace_s: float = KILL_GRACE_S, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM the group, wait up to `grace_s` for its leader, then SIGKILL whatever is left."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None and not _group_alive(pgid):
+            return
+        if proc is None and not _group_alive(pgid):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+
+
+class JobResult:
+    def __init__(self, returncode: int | None, tail: list[str], timed_out: bool):
+        self.returncode, self.tail, self.timed_out = returncode, tail, timed_out
+
+    @property
+    def tail_text(self) -> str:
+        return "\n".join(self.tail)
+
+
+def run_job(cmd: list[str], env: dict[str, str], *, log: Callable[[str], None] = print, timeout_s: float | None = None,
+            log_path: str | Path | None = None, cwd: str | Path | None = None,
+            grace_s: float = KILL_GRACE_S) -> JobResult:
+    """Run `cmd` in a new session under the supervisor; stream lines to `log` (and `log_path`); enforce
+    `timeout_s`; kill the group on timeout, on any exception raised while waiting (KeyboardInterrupt,
+    cancellation) and at the end. Returns the exit code (None after a timeout) and the last lines."""
+    sup = [sys.executable, "-m", "rlhf_tasks.launch", "--supervise", str(os.getpid()), str(grace_s), "--", *cmd]
+    sup_env = dict(env)
+    sup_env["PYTHONPATH"] = os.pathsep.join([str(PKG_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen(sup, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=sup_env,
+                            cwd=cwd, start_new_session=True)
+    pgid = proc.pid  # session leader: its pid is the group id
+    lines: queue.Queue = queue.Queue()
+
+    def reader():
+        for raw in iter(proc.stdout.readline, b""):
+            lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True, name=f"job-{pgid}-reader").start()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    logf = open(log_path, "a", encoding="utf-8", buffering=1) if log_path else None
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    timed_out = False
+    exited_at = 0.0
+    try:
+        while True:
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                if proc.poll() is not None:  # the job is over; a stray process may still hold the pipe open
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > 2.0:
+                        break
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    msg = f"[launch] timeout after {timeout_s:g} s: killing the job's process group {pgid}"
+                    tail.append(msg)
+                    if logf:
+                        logf.write(msg + "\n")
+                    log(msg)
+                    break
+                continue
+            if line is None:
+                break
+            tail.append(line)
+            if logf:
+                logf.write(line + "\n")
+            log(line)
+        if not timed_out:
+            proc.wait()
+    finally:  # normal end, timeout, KeyboardInterrupt, cancellation: nothing of the job survives
+        kill_group(pgid, grace_s, proc)
+        try:
+            proc.wait(timeout=grace_s + 5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+        if logf:
+            logf.close()
+        if proc.stdout:
+            proc.stdout.close()
+    return JobResult(None if timed_out else proc.returncode, list(tail), timed_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the public entry point used by the flows
+# ---------------------------------------------------------------------------------------------------------
+def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
+    """Run one stage job for `spec` under `execution` and return `spec.output_uri` once its artifact exists.
+
+    Writes `<run_dir>/spec.json` and `<run_dir>/<stage>.log`. Raises StageFailed (exit code, log tail) when the
+    job fails, times out, or ends without committing its artifact."""
+    from .errors import StageFailed
+    from .stages import STAGE_DEFS
+
+    run_dir = Path(spec.run_dir or Path.cwd() / "rlhf-runs" / f"{spec.stage}-{spec.key}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec.run_dir = str(run_dir)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(spec.to_json())
+    distributed = STAGE_DEFS[spec.stage].distributed
+    port = free_port()
+    cmd = build_command(spec_path, execution, distributed=distributed, master_port=port)
+    procs = execution.num_procs if distributed else 1
+    env = job_env(execution, num_procs=procs, master_port=port)
+    if distributed and execution.num_nodes > 1:
+        _write_deepspeed_env(env, run_dir / "deepspeed_env")
+        env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
+    log_path = run_dir / f"{spec.stage}.log"
+    log(f"[launch] {spec.stage}: {' '.join(cmd)} (log: {log_path})")
+    t0 = time.time()
+    res = run_job(cmd, env, log=log, timeout_s=execution.timeout_s, log_path=log_path, cwd=run_dir)
+    if res.timed_out:
+        raise StageFailed(spec.stage, f"timed out after {execution.timeout_s:g} s (log: {log_path})", None,
+                          res.tail_text)
+    if res.returncode != 0:
+        last = next((l for l in reversed(res.tail) if l.strip()), "")
+        raise StageFailed(spec.stage, f"exit code {res.returncode} (log: {log_path}): {last.strip()}",
+                          res.returncode, res.tail_text)
+    store = spec.open_store()
+    kind, key = store.parse_uri(spec.output_uri)
+    if not store.exists(kind, key):
+        raise StageFailed(spec.stage, f"job ended without committing {spec.output_uri} (log: {log_path})", 0,
+                          res.tail_text)
+    log(f"[launch] {spec.stage}: done in {time.time() - t0:.1f} s -> {spec.output_uri}")
+    return spec.output_uri
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the supervisor: leads the job's process group and takes it down when the caller goes away
+# ---------------------------------------------------------------------------------------------------------
+def _set_pdeathsig(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent (thread) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover
+        pass
+
+
+def _supervise(parent_pid: int, grace_s: float, cmd: list[str]) -> int:
+    pgid = os.getpgrp()
+    stopping = threading.Event()
+
+    def take_down(reason: str) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        try:  # the caller's pipe may be gone: never let reporting stop the cleanup
+            print(f"[launch] {reason}: terminating the job", flush=True)
+        except OSError:
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        os.killpg(pgid, signal.SIGKILL)  # includes this supervisor
+
+    _set_pdeathsig(signal.SIGTERM)
+    child = subprocess.Popen(cmd)  # same group; inherits stdout/stderr (the caller's pipe)
+    signal.signal(signal.SIGTERM, lambda *_: take_down("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: take_down("SIGINT"))
+    signal.signal(signal.SIGHUP, lambda *_: take_down("SIGHUP"))
+    if os.getppid() != parent_pid:  # the caller died before PR_SET_PDEATHSIG took effect
+        take_down("caller gone")
+    while True:
+        try:
+            rc = child.wait(timeout=0.5)
+            return rc if rc >= 0 else 128 - rc
+        except subprocess.TimeoutExpired:
+            if os.getppid() != parent_pid:
+                take_down("caller gone")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "--supervise" and sys.argv[4] == "--":
+        sys.exit(_supervise(int(sys.argv[2]), float(sys.argv[3]), sys.argv[5:]))
+    sys.exit("usage: python -m rlhf_tasks.launch --supervise PARENT_PID GRACE_S -- CMD...")

@@ -1,0 +1,87 @@
+"""Step 2, the reward model: a sequence-classification model with one scalar output (a causal-LM backbone gets a
+new linear head; encoder classifiers work too), scored at the last real token of prompt + response, trained with
+the pairwise loss -log sigmoid(r_chosen - r_rejected). Eval: accuracy, mean chosen/rejected score, margin.
+The artifact is an AutoModelForSequenceClassification folder (num_labels=1) that `models.load_score_model` loads
+with its head. Job entry: `run(spec)`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import load_score_model, load_tokenizer, sequence_scores
+from . import core
+
+
+def pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a pair batch laid out as [chosen..., rejected...] -> (r_chosen [B], r_rejected [B])."""
+    scores = sequence_scores(core.unwrap(engine), batch["input_ids"], batch["attention_mask"]).float()
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigmoid(r_c - r_r) (numerically stable)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+class RewardTask:
+    """Pair batches, loss and eval of the reward stage for `core.train_stage`."""
+
+    def __init__(self, ctx: core.StageContext, tokenizer, train: dict, evals: dict):
+        tcfg = ctx.cfg.reward
+        self.tcfg, self.tok, self.rank, self.world = tcfg, tokenizer, ctx.rank, ctx.world
+        self.dev = core.device()
+        self.train = self._pairs(train)
+        self.eval = self._pairs(evals)
+
+    def _pairs(self, d: dict) -> list[tuple[list[int], list[int]]]:
+        L = self.tcfg.max_seq_len
+        return [(core.join_truncate(p, c, L)[0], core.join_truncate(p, r, L)[0])
+                for p, c, r in zip(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"])]
+
+    def batch(self, pairs, rows: list[int]) -> dict[str, torch.Tensor]:
+        seqs = [pairs[i][0] for i in rows] + [pairs[i][1] for i in rows]
+        return core.pad_batch(seqs, self.tok.pad_token_id, dev=self.dev)
+
+    def loss(self, engine, rows: list[int]):
+        rc, rr = pair_scores(engine, self.batch(self.train, rows))
+        return pairwise_loss(rc, rr), {"accuracy": (rc > rr).float().mean().item()}
+
+    def tokens(self, rows: list[int]) -> int:
+        return sum(len(self.train[i][0]) + len(self.train[i][1]) for i in rows)
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        sums = [0.0] * 6  # n, correct, sum chosen, sum rejected, sum loss, sum margin
+        for rows, valid in core.eval_shards(len(self.eval), self.tcfg.micro_batch_size, self.rank, self.world):
+            rc, rr = pair_scores(engine, self.batch(self.eval, rows))
+            v = torch.tensor(valid, dtype=torch.float32, device=rc.device)
+            losses = -F.logsigmoid(rc - rr)
+            for j, x in enumerate([v, (rc > rr).float() * v, rc * v, rr * v, losses * v, (rc - rr) * v]):
+                sums[j] += x.sum().item()
+        n, correct, sc, sr, sl, sm = core.all_reduce_sum(sums)
+        n = max(n, 1.0)
+        return {"accuracy": correct / n, "mean_chosen": sc / n, "mean_rejected": sr / n, "margin": sm / n,
+                "loss": sl / n}
+
+
+def run(spec) -> dict:
+    ctx = core.stage_setup(spec)
+    tcfg = ctx.cfg.reward
+    core.seed_everything(tcfg.seed)
+    models = ctx.cfg.models
+    path = core.resolve_model_path(models.reward or models.actor, ctx)
+    tokenizer = load_tokenizer(path, padding_side="right")
+    model = load_score_model(path, dtype=torch.float32, dropout=tcfg.dropout, head_init_std=tcfg.head_init_std)
+    model.config.use_cache = False
+    model = core.apply_lora(model, tcfg.lora)
+    cols = ("chosen", "rejected")
+    train = core.load_examples(ctx, "reward", "train", tokenizer, cols)
+    evals = core.load_examples(ctx, "reward", "eval", tokenizer, cols)
+    task = RewardTask(ctx, tokenizer, train, evals)
+    try:
+        return core.train_stage(spec, core.StageTask(
+            name="reward", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train),
+            loss=task.loss, evaluate=task.evaluate, tokens=task.tokens))
+    finally:
+        core.destroy_distributed()

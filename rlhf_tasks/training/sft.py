@@ -1,0 +1,85 @@
+"""Step 1, supervised fine-tuning: causal-LM loss on the responses of the SFT phase (prompt tokens masked unless
+`sft.train_on_prompt`), perplexity on the eval split before and after. Job entry: `run(spec)`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..models import lm_logits, load_causal_lm, load_tokenizer
+from . import core
+
+
+def build_sequences(prompts: list[list[int]], responses: list[list[int]], max_len: int,
+                    train_on_prompt: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Input ids and labels (-100 where no loss is taken) per example."""
+    seqs, labels = [], []
+    for p, r in zip(prompts, responses):
+        ids, n_prompt = core.join_truncate(p, r, max_len)
+        seqs.append(ids)
+        labels.append(list(ids) if train_on_prompt else [-100] * n_prompt + ids[n_prompt:])
+    return seqs, labels
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL over labelled positions, their count) for one batch."""
+    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"]).float()
+    target = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    valid = target != -100
+    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (nll * valid).sum(), valid.sum()
+
+
+class SFTTask:
+    """Batches, loss and eval of the SFT stage for `core.train_stage`."""
+
+    def __init__(self, ctx: core.StageContext, tokenizer, train: dict, evals: dict):
+        tcfg = ctx.cfg.sft
+        self.tcfg, self.tok, self.rank, self.world = tcfg, tokenizer, ctx.rank, ctx.world
+        self.dev = core.device()
+        self.train = build_sequences(train["prompt_ids"], train["chosen_ids"], tcfg.max_seq_len, tcfg.train_on_prompt)
+        self.eval = build_sequences(evals["prompt_ids"], evals["chosen_ids"], tcfg.max_seq_len, tcfg.train_on_prompt)
+
+    def batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
+        seqs, labels = data
+        return core.pad_batch([seqs[i] for i in rows], self.tok.pad_token_id, [labels[i] for i in rows], self.dev)
+
+    def loss(self, engine, rows: list[int]):
+        total, count = token_nll(engine, self.batch(self.train, rows))
+        return total / count.clamp(min=1), {}
+
+    def tokens(self, rows: list[int]) -> int:
+        return sum(len(self.train[0][i]) for i in rows)
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        nll, count = 0.0, 0.0
+        for rows, valid in core.eval_shards(len(self.eval[0]), self.tcfg.micro_batch_size, self.rank, self.world):
+            batch = self.batch(self.eval, rows)
+            batch["labels"][~torch.tensor(valid, device=self.dev)] = -100
+            s, c = token_nll(engine, batch)
+            nll, count = nll + s.item(), count + c.item()
+        nll, count = core.all_reduce_sum([nll, count])
+        loss = nll / max(count, 1.0)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def run(spec) -> dict:
+    ctx = core.stage_setup(spec)
+    tcfg = ctx.cfg.sft
+    core.seed_everything(tcfg.seed)
+    path = core.resolve_model_path(ctx.cfg.models.actor, ctx)
+    tokenizer = load_tokenizer(path, padding_side="right")
+    model = load_causal_lm(path, dtype=torch.float32, dropout=tcfg.dropout)
+    model.config.use_cache = False
+    model = core.apply_lora(model, tcfg.lora)
+    train = core.load_examples(ctx, "sft", "train", tokenizer)
+    evals = core.load_examples(ctx, "sft", "eval", tokenizer)
+    task = SFTTask(ctx, tokenizer, train, evals)
+    try:
+        return core.train_stage(spec, core.StageTask(
+            name="sft", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train[0]),
+            loss=task.loss, evaluate=task.evaluate, tokens=task.tokens))
+    finally:
+        core.destroy_distributed()

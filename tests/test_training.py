@@ -1,0 +1,171 @@
+"""SFT and reward-model stages on tiny models (CPU, in-process world size 1), and the training core's pieces."""
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from _training_helpers import make_data_artifact, make_spec, metrics, run_in_process, step_losses, tiny_cfg
+
+COMMON = ["micro_batch_size=8", "max_seq_len=64", "optim.lr=2e-3", "optim.warmup_ratio=0.1", "log_every=1"]
+
+
+def _cfg(stage: str, extra=()):
+    return tiny_cfg([f"{stage}.{o}" for o in COMMON] + list(extra))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from rlhf_tasks.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("train-store")
+    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def data_uri(store):
+    return make_data_artifact(store, tiny_cfg(), n_rows=400)
+
+
+def _run(stage, cfg, store, data_uri, tmp_path, monkeypatch):
+    key = uuid.uuid4().hex[:24]
+    spec = make_spec(stage, cfg, store, data_uri, tmp_path / "run", key)
+    summary = run_in_process(spec, monkeypatch)
+    assert store.exists(stage, key)
+    return summary, spec.output_uri
+
+
+def test_sft_zero0_loss_decreases_and_output_loads(store, data_uri, tmp_path, monkeypatch):
+    cfg = _cfg("sft", ["sft.max_steps=12", "sft.epochs=3"])
+    summary, uri = _run("sft", cfg, store, data_uri, tmp_path, monkeypatch)
+    m = metrics(store, uri)
+    losses = step_losses(m)
+    assert len(losses) == 12 and summary["steps"] == 12
+    assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3])
+    assert summary["eval_ppl"] < summary["eval_ppl_before"]
+    assert m["summary"] == summary and m["history"][0]["step"] == 0
+    folder = store.get_uri(uri)
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(" Human: Describe the cat. Assistant:", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tok)
+
+
+def test_sft_lora_zero2_with_gradient_checkpointing(store, data_uri, tmp_path, monkeypatch):
+    cfg = _cfg("sft", ["sft.max_steps=8", "sft.zero_stage=2", "sft.lora.r=8", "sft.lora.alpha=16",
+                       "sft.gradient_checkpointing=true", "sft.optim.lr=1e-2", "sft.lora.merge=false"])
+    summary, uri = _run("sft", cfg, store, data_uri, tmp_path, monkeypatch)
+    losses = list(step_losses(metrics(store, uri)).values())
+    assert losses[-1] < losses[0] and summary["eval_ppl"] < summary["eval_ppl_before"]
+    folder = store.get_uri(uri)
+    from safetensors.torch import load_file
+
+    keys = load_file(folder / "model.safetensors").keys()
+    assert not any("lora" in k for k in keys), "LoRA must be merged into the saved model"
+    assert (folder / "adapter" / "adapter_config.json").exists()  # kept because lora.merge=false
+
+
+def test_reward_zero0_learns_preferences(store, data_uri, tmp_path, monkeypatch):
+    cfg = _cfg("reward", ["reward.max_steps=40", "reward.epochs=5"])
+    summary, uri = _run("reward", cfg, store, data_uri, tmp_path, monkeypatch)
+    assert summary["eval_accuracy"] >= 0.75, summary
+    assert summary["eval_margin"] > summary["eval_margin_before"]
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    # the head is saved with the model: one call loads it, scores match the eval direction
+    from rlhf_tasks.models import load_score_model, score_head
+
+    model = load_score_model(str(store.get_uri(uri)))
+    assert score_head(model) is not None and model.config.num_labels == 1
+
+
+def test_reward_zero3_lora_single_process(store, data_uri, tmp_path, monkeypatch):
+    cfg = _cfg("reward", ["reward.max_steps=10", "reward.zero_stage=3", "reward.lora.r=4",
+                          "reward.optim.lr=5e-3"])
+    summary, uri = _run("reward", cfg, store, data_uri, tmp_path, monkeypatch)
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    from rlhf_tasks.models import load_score_model
+
+    model = load_score_model(str(store.get_uri(uri)))  # a consolidated, merged, plain HF folder
+    assert all(p.numel() > 0 for p in model.parameters())
+
+
+# ---- core pieces ------------------------------------------------------------------------------------------
+def test_batches_are_disjoint_and_deterministic():
+    from rlhf_tasks.training.core import epoch_permutation, micro_batch_indices
+
+    perm = epoch_permutation(100, 7, 0)
+    assert perm == epoch_permutation(100, 7, 0) and perm != epoch_permutation(100, 7, 1)
+    seen = [i for step in range(3) for micro in range(2) for rank in range(2)
+            for i in micro_batch_indices(perm, step, micro, 4, 2, 2, rank)]
+    assert len(seen) == len(set(seen)) == 48
+
+
+def test_eval_shards_cover_every_row_once_with_equal_batch_counts():
+    from rlhf_tasks.training.core import eval_shards
+
+    for n, mb, world in [(10, 3, 2), (7, 4, 3), (1, 8, 2), (16, 4, 4)]:
+        per_rank = [list(eval_shards(n, mb, r, world)) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1
+        rows = sorted(i for b in per_rank for idx, valid in b for i, v in zip(idx, valid) if v)
+        assert rows == list(range(n))
+
+
+def test_join_truncate_keeps_response():
+    from rlhf_tasks.training.core import join_truncate
+
+    assert join_truncate([1, 2, 3], [4, 5], 10) == ([1, 2, 3, 4, 5], 3)
+    assert join_truncate([1, 2, 3], [4, 5], 4) == ([2, 3, 4, 5], 2)
+    assert join_truncate([1, 2, 3], [4, 5, 6, 7, 8], 4) == ([4, 5, 6, 7], 0)
+
+
+def test_deepspeed_config_generation():
+    from rlhf_tasks.config import TrainingConfig
+    from rlhf_tasks.training.core import deepspeed_config
+
+    c = deepspeed_config(TrainingConfig(zero_stage=3, offload=True, precision="bf16", micro_batch_size=2,
+                                        grad_accum=4), world_size=2)
+    assert c["train_batch_size"] == 16 and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    assert c["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert c["gradient_clipping"] == 1.0
+    frozen = deepspeed_config(TrainingConfig(zero_stage=2), world_size=1, trainable=False)
+    assert frozen["zero_optimization"]["stage"] == 0 and "gradient_clipping" not in frozen
+
+
+def test_sft_labels_mask_prompt_by_default():
+    from rlhf_tasks.training.sft import build_sequences
+
+    seqs, labels = build_sequences([[1, 2, 3]], [[4, 5, 9]], 16, train_on_prompt=False)
+    assert seqs == [[1, 2, 3, 4, 5, 9]] and labels == [[-100, -100, -100, 4, 5, 9]]
+    _, labels = build_sequences([[1, 2, 3]], [[4, 5, 9]], 16, train_on_prompt=True)
+    assert labels == [[1, 2, 3, 4, 5, 9]]
+
+
+def test_pairwise_loss_values():
+    from rlhf_tasks.training.reward import pairwise_loss
+
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    expected = (-torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(torch.tensor(2.0))) / 2
+    assert torch.allclose(pairwise_loss(rc, rr), expected)
+
+
+def test_checkpoint_load_refuses_pickled_code(tmp_path, monkeypatch):
+    """A tampered checkpoint file holding a pickled callable is rejected, not executed."""
+    from rlhf_tasks.training.core import weights_only_torch_load
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    f = tmp_path / "model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "x": Evil()}, f)
+    with weights_only_torch_load():
+        with pytest.raises(Exception):
+            torch.load(f, weights_only=False)  # DeepSpeed's call: forced to weights_only=True
+    assert not (tmp_path / "pwned").exists()
+    assert torch.load is not None and torch.load(f, weights_only=False)  # restored afterwards
+    assert (tmp_path / "pwned").exists()
