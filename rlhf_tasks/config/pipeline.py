@@ -68,6 +68,16 @@ class ExecutionConfig(Section):
     retry_delay_s: float = Field(5.0, ge=0, description="Delay before the first retry (doubles each time).")
     work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Accelerator for stage jobs.")
+    train_deployment: str | None = Field(
+        None, description="Deployment that runs training stages when work_pool is set (default: train-stage/<work_pool>)."
+    )
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job variables for train-stage flow runs on the work pool (e.g. {gpu_count: 8, image: ...}).",
+    )
+    runs_dir: str = Field(
+        "./rlhf-runs", description="Local folder for stage job scratch space and logs (<runs_dir>/<run>/<stage>/)."
+    )
 
 
 class PipelineConfig(Section):

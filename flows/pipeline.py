@@ -1,0 +1,146 @@
+"""The `rlhf-pipeline` flow: data -> sft -> reward -> ppo -> eval, one Prefect task per stage, thin over rlhf_tasks.
+
+Caching (see docs in flows/README.md):
+- The cache key of a stage task IS the stage key from `rlhf_tasks.stages.plan()` (`StageKeyPolicy`); nothing about
+  the flow run, the task source or Prefect's database enters it.
+- The cached result is the artifact URI (JSON serializer, no pickles in a shared store), kept in the store itself
+  (`<store>/_prefect/cache/`, see flows/storage.py), so any run on any machine pointing at the store sees it.
+- The store is the source of truth: right before each stage the flow checks that the artifact exists and verifies;
+  if it does not, the task runs with `refresh_cache=True` (the stale record is ignored and overwritten).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run as current_flow_run
+
+from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config
+from rlhf_tasks.errors import StageFailed
+from rlhf_tasks.stages import StagePlan, StageSpec, plan
+from rlhf_tasks.store import ArtifactStore
+
+from . import core, observe, runner, storage
+
+StageName = Literal["data", "sft", "reward", "ppo", "eval"]
+RECORD_FORMAT = "v1"  # bump to invalidate every cache record (the artifacts stay)
+
+
+@dataclass
+class StageKeyPolicy(CachePolicy):
+    """Cache key = the stage key carried by the task's `spec` (computed by `plan()`, the one key rule)."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        spec = inputs.get("spec") or {}
+        stage, key = spec.get("stage"), spec.get("key")
+        if not stage or not key:
+            return None
+        return f"rlhf-{RECORD_FORMAT}-{stage}-{key}"
+
+
+STAGE_KEY_POLICY = StageKeyPolicy()
+
+
+@task(name="stage", cache_policy=STAGE_KEY_POLICY, persist_result=True, result_serializer="json")
+def stage_task(spec: dict, inputs: dict[str, str]) -> str:
+    """Run one stage job (unless its artifact already exists) and return its artifact URI.
+
+    `inputs` are the upstream tasks' results (URIs), which is also how Prefect draws the stage graph."""
+    logger = get_run_logger()
+    s = StageSpec(**spec)
+    if inputs != s.inputs:
+        raise StageFailed(s.stage, f"upstream URIs {inputs} differ from the plan's {s.inputs}")
+    store = s.open_store()
+    if store.exists(s.stage, s.key):  # made meanwhile by another run, or cached without a Prefect record
+        logger.info(f"{s.stage}: artifact {s.output_uri} already in the store")
+        return s.output_uri
+    execution = ExecutionConfig.model_validate(s.config["execution"])
+    logger.info(f"{s.stage}: launching job (key {s.key})")
+    # A failure raises StageFailed naming the log file; Prefect retries it (the job resumes from its checkpoint).
+    uri = runner.launch(s, execution, observe.StageLog(s.stage, s.run_dir, logger))
+    if uri != s.output_uri:
+        raise StageFailed(s.stage, f"job returned {uri}, expected {s.output_uri}")
+    return uri
+
+
+def _retry_delays(execution: ExecutionConfig) -> list[float]:
+    return [execution.retry_delay_s * 2**i for i in range(execution.retries)]
+
+
+def _config_param(value: Any) -> PipelineConfig:
+    if isinstance(value, PipelineConfig):
+        return value
+    if value is None:
+        return load_config(None)
+    return config_from_dict(dict(value), origin="parameters.config")
+
+
+def _flow_run_name() -> str:
+    try:
+        cfg = _config_param(current_flow_run.parameters.get("config"))
+    except Exception:
+        return f"rlhf-{uuid.uuid4().hex[:6]}"
+    return core.run_name(cfg)
+
+
+def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_storage, logger):
+    def run_one(p: StagePlan, cached_now: bool, upstream: dict[str, str]) -> tuple[str, dict]:
+        spec = core.spec_for(cfg, store, p, name)
+        t = stage_task.with_options(
+            name=f"stage-{p.stage}", task_run_name=p.stage, refresh_cache=not cached_now,
+            retries=cfg.execution.retries, retry_delay_seconds=_retry_delays(cfg.execution),
+            result_storage=result_storage)
+        state = t(spec=asdict(spec), inputs=upstream, return_state=True)
+        uri = state.result()  # raises the stage's exception when it failed
+        if uri != p.uri:  # a record from elsewhere can only hold this URI (content addressing); be strict anyway
+            logger.warning(f"{p.stage}: cache record held {uri!r}, expected {p.uri!r}; using the store's")
+            uri = p.uri
+        status = "cached" if cached_now else "ran"
+        entry = core.stage_entry(store, p, status, 0.0)
+        observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger)
+        logger.info(f"{p.stage}: {status} ({state.name}) {uri}")
+        return uri, {"prefect_state": state.name}
+
+    return run_one
+
+
+@flow(name="rlhf-pipeline", flow_run_name=_flow_run_name, log_prints=False)
+def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName = "eval") -> dict:
+    """DeepSpeed-Chat's recipe as cached stages: data blend, SFT, reward model, PPO, evaluation.
+
+    Stages whose artifact already exists in the store (same config slice, inputs and code) are reused."""
+    logger = get_run_logger()
+    cfg = _config_param(config)
+    store = ArtifactStore.from_config(cfg.store)
+    started = time.time()
+    run_id = str(current_flow_run.id or uuid.uuid4())
+    name = current_flow_run.name or core.run_name(cfg)
+    core.validate_inputs(cfg)
+    plans = plan(cfg, store, until)
+    for p in plans:
+        logger.info(f"plan {p.stage}: {'cached' if p.cached else 'will run'} - {p.reason} ({p.key})")
+    result_storage = storage.result_storage_for(store)
+
+    def echo(line: str) -> None:
+        logger.info(line)
+        observe.console(line)
+
+    try:
+        stages = core.run_stages(cfg, store, plans, name, _stage_runner(cfg, store, name, result_storage, logger),
+                                 echo)
+    except BaseException as e:
+        record = core.run_record(run_id, name, cfg, store, until, started, getattr(e, "stages", {}), "failed",
+                                 error=str(e))
+        core.save_run_record(store, record)
+        e.run_record = record  # type: ignore[attr-defined]
+        raise
+    record = core.run_record(run_id, name, cfg, store, until, started, stages, "completed")
+    uri = core.save_run_record(store, record)
+    logger.info(f"run record: {uri}")
+    return record

@@ -1,0 +1,64 @@
+"""Stand-in stage jobs for the flow tests ONLY (tests/test_flows.py registers them in STAGE_DEFS, in the test
+process and, through a generated sitecustomize, in the job subprocesses). Each writes a small artifact in a
+fraction of a second, prints progress lines like the training core, and can be told to crash or fail:
+
+- FAKE_EVENTS=<file>: append `<stage> <start step>` per launch (which stages ran, and where they resumed);
+- FAKE_CRASH_STAGE=<stage>: commit a checkpoint at step 2, then SIGKILL itself (once: a resumed run finishes);
+- FAKE_FAIL_STAGE=<stage>: exit with code 3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from rlhf_tasks.stages import StageSpec, commit_stage_output
+
+TOTAL_STEPS = 4
+
+
+def _latest_checkpoint(store, stage: str, key: str) -> int:
+    kind = f"ckpt-{stage}"
+    steps = [int(k.split(".step-")[1]) for k in store.keys(kind)
+             if k.startswith(f"{key}.step-") and store.exists(kind, k)]
+    return max(steps, default=0)
+
+
+def run(spec: StageSpec) -> None:
+    store = spec.open_store()
+    out = Path(spec.run_dir) / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    start = _latest_checkpoint(store, spec.stage, spec.key)
+    if os.environ.get("FAKE_EVENTS"):
+        with open(os.environ["FAKE_EVENTS"], "a") as f:
+            f.write(f"{spec.stage} {start}\n")
+    if os.environ.get("FAKE_FAIL_STAGE") == spec.stage:
+        print("fake failure: something broke", flush=True)
+        sys.exit(3)
+    for step in range(start + 1, TOTAL_STEPS + 1):
+        print(f"step {step}/{TOTAL_STEPS} loss={1.0 / step:.3f} kl=0.01", flush=True)
+        if step == 2 and os.environ.get("FAKE_CRASH_STAGE") == spec.stage and start == 0:
+            ck = out / "ckpt"
+            ck.mkdir(exist_ok=True)
+            (ck / "state.json").write_text(json.dumps({"step": step}))
+            store.put_dir(ck, f"ckpt-{spec.stage}", f"{spec.key}.step-{step:08d}")
+            print("checkpoint committed at step 2; crashing", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    (out / "result.json").write_text(json.dumps({"stage": spec.stage, "inputs": spec.inputs}, sort_keys=True))
+    if spec.stage == "eval":
+        (out / "samples.json").write_text(json.dumps([{"prompt": "Hi?", "sft": "hello", "ppo": "hello there"}]))
+    commit_stage_output(spec, out, {"fake_loss": 0.25, "resumed_from_step": start})
+
+
+def install() -> None:
+    """Point every stage at this module (in place: stage_main holds a reference to the same dict) and make the
+    data fingerprint a pure function of the source paths."""
+    import dataclasses
+
+    from rlhf_tasks import stages
+
+    for name, d in list(stages.STAGE_DEFS.items()):
+        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__, code=("stages.py",), distributed=False)
+    stages.data_source_fingerprints = lambda cfg: [{"path": s.path} for s in cfg.data.sources]

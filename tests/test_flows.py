@@ -1,0 +1,221 @@
+"""The pipeline flow's mechanics with stand-in stage jobs (tests/flow_fake_stages.py): Prefect caching keyed by the
+stage key with records in the store, the store as the source of truth, retries that resume, `rlhf plan` and
+`rlhf run` (table, summary JSON, exit codes). One Prefect test harness per module (~13 s), ~1-2 s per flow run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flow_fake_stages
+from rlhf_tasks import stages
+from rlhf_tasks.cli import main
+from rlhf_tasks.config import load_config
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    """A sitecustomize that registers the fake stages in every Python subprocess (the stage jobs)."""
+    d = tmp_path_factory.mktemp("site")
+    (d / "sitecustomize.py").write_text("import flow_fake_stages\nflow_fake_stages.install()\n")
+    return d
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path, site_dir):
+    """Fake stages here and in the jobs; returns a helper that reads which stages were launched."""
+    for name, d in list(stages.STAGE_DEFS.items()):
+        monkeypatch.setitem(stages.STAGE_DEFS, name, dataclasses.replace(
+            d, module="flow_fake_stages", code=("stages.py",), distributed=False))
+    monkeypatch.setattr(stages, "data_source_fingerprints", lambda cfg: [{"path": s.path} for s in cfg.data.sources])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site_dir), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    events = tmp_path / "events.txt"
+    monkeypatch.setenv("FAKE_EVENTS", str(events))
+    for var in ("FAKE_CRASH_STAGE", "FAKE_FAIL_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def launched() -> list[str]:
+        lines = events.read_text().split("\n") if events.exists() else []
+        events.unlink(missing_ok=True)
+        return [ln.split()[0] for ln in lines if ln.strip()]
+
+    return launched
+
+
+def _args(store: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--store", str(store), "--set", f"execution.runs_dir={tmp_path / 'runs'}",
+            "--set", "execution.retry_delay_s=0", *extra]
+
+
+def run_cli(store, tmp_path, *extra, expect=0) -> dict:
+    summary = tmp_path / "summary.json"
+    summary.unlink(missing_ok=True)
+    rc = main(["run", *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
+    assert rc == expect
+    return json.loads(summary.read_text())
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {s: v["status"] for s, v in summary["stages"].items()}
+
+
+# ---- units ----------------------------------------------------------------------------------------------------
+def test_parse_progress_and_names():
+    from flows.core import run_name
+    from flows.observe import artifact_key, parse_progress
+
+    assert parse_progress("step 12/100 loss=0.5 kl=1e-3") == (12, 100, {"loss": 0.5, "kl": 0.001})
+    assert parse_progress("[rank0] ppo step: 3 / 40 reward=-1.5")[:2] == (3, 40)
+    assert parse_progress("loading model") is None
+    assert artifact_key("rlhf", "PPO", "progress") == "rlhf-ppo-progress"
+    cfg = load_config(None, ["ppo.kl_coef=0.07"])
+    name = run_name(cfg)
+    assert name.startswith("demo-kl_coef0.07-") and name != run_name(load_config(None))
+
+
+def test_cache_key_is_the_stage_key():
+    from flows.pipeline import StageKeyPolicy
+
+    key = StageKeyPolicy().compute_key(None, {"spec": {"stage": "ppo", "key": "abc123"}, "inputs": {}}, {})
+    assert key == "rlhf-v1-ppo-abc123"
+
+
+def test_plan_reasons_without_prefect(fakes, tmp_path, prefect_api, capsys):
+    """`rlhf plan` explains every stage and never imports Prefect (checked in a fresh interpreter)."""
+    store = tmp_path / "store"
+    env = dict(os.environ)
+    code = ("import sys; from rlhf_tasks.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'prefect' not in sys.modules, 'plan imported prefect'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "plan", *_args(store, tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("will-run") == 5 and "no data artifact in the store yet" in out.stdout
+
+    run_cli(store, tmp_path, "--until", "ppo")
+    fakes()
+    capsys.readouterr()
+    rc = main(["plan", *_args(store, tmp_path, "--set", "ppo.kl_coef=0.07"), "--json"])
+    assert rc == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [rows[s]["status"] for s in stages.STAGES] == ["cached", "cached", "cached", "will-run", "will-run"]
+    assert rows["ppo"]["reason"] == "ppo.kl_coef 0.05 -> 0.07"
+    assert rows["eval"]["reason"] == "no eval artifact in the store yet"
+    assert fakes() == []  # plan launched nothing
+
+
+def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
+    store = tmp_path / "store"
+    first = run_cli(store, tmp_path)
+    assert statuses(first) == dict.fromkeys(stages.STAGES, "ran")
+    assert fakes() == list(stages.STAGES)
+    assert first["stages"]["sft"]["metrics"]["fake_loss"] == 0.25
+    out = capsys.readouterr().out
+    assert "STAGE" in out and "ARTIFACT" in out and "step 4/4" in out
+
+    second = run_cli(store, tmp_path)
+    assert statuses(second) == dict.fromkeys(stages.STAGES, "cached")
+    assert {v["prefect_state"] for v in second["stages"].values()} == {"Cached"}  # Prefect's own cache hit
+    assert fakes() == []
+    assert [v["uri"] for v in second["stages"].values()] == [v["uri"] for v in first["stages"].values()]
+    # Records live in the store; the run record is saved for `rlhf report`.
+    assert len(list((store / "_prefect" / "cache").iterdir())) == 5
+    rec = json.loads((store / "runs" / f"{second['run_id']}.json").read_text())
+    assert rec["eval_uri"] == second["stages"]["eval"]["uri"]
+
+
+def test_changing_a_ppo_setting_reruns_only_ppo_and_eval(fakes, tmp_path, prefect_api):
+    store = tmp_path / "store"
+    first = run_cli(store, tmp_path)
+    fakes()
+    cfg = load_config(None, [f"store.url={store}", "ppo.kl_coef=0.07"])
+    from rlhf_tasks.store import ArtifactStore
+
+    p = stages.plan(cfg, ArtifactStore.from_config(cfg.store))
+    assert [x.cached for x in p] == [True, True, True, False, False]
+    second = run_cli(store, tmp_path, "--set", "ppo.kl_coef=0.07")
+    assert statuses(second) == {"data": "cached", "sft": "cached", "reward": "cached", "ppo": "ran", "eval": "ran"}
+    assert fakes() == ["ppo", "eval"]
+    assert second["stages"]["ppo"]["uri"] != first["stages"]["ppo"]["uri"]
+    assert second["flow_run_name"].startswith("demo-kl_coef0.07-")
+
+
+def test_deleted_or_corrupt_artifact_reruns_that_stage_only(fakes, tmp_path, prefect_api):
+    from rlhf_tasks.store import ArtifactStore
+
+    store_dir = tmp_path / "store"
+    first = run_cli(store_dir, tmp_path)
+    fakes()
+    store = ArtifactStore(str(store_dir))
+    store.delete("sft", first["stages"]["sft"]["key"])
+    result = store_dir / "reward" / first["stages"]["reward"]["key"] / "result.json"
+    result.write_text(result.read_text() + " ")  # size no longer matches the manifest
+    second = run_cli(store_dir, tmp_path)
+    assert statuses(second) == {"data": "cached", "sft": "ran", "reward": "ran", "ppo": "cached", "eval": "cached"}
+    assert sorted(fakes()) == ["reward", "sft"]
+    assert second["stages"]["sft"]["prefect_state"] == "Completed"  # the stale cache record was not honoured
+    assert all(store.exists(s, v["key"]) for s, v in second["stages"].items())
+
+
+def test_killed_stage_is_retried_and_resumes(fakes, tmp_path, prefect_api, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("FAKE_CRASH_STAGE", "sft")
+    summary = run_cli(store, tmp_path, "--until", "sft", "--set", "execution.retries=1")
+    assert statuses(summary) == {"data": "ran", "sft": "ran"}
+    events = (tmp_path / "events.txt").read_text().split()
+    assert events == ["data", "0", "sft", "0", "sft", "2"]  # killed at step 2, retried, resumed from step 2
+    assert summary["stages"]["sft"]["metrics"]["resumed_from_step"] == 2
+
+
+def test_failed_stage_exits_1_with_stage_and_log(fakes, tmp_path, prefect_api, monkeypatch, capsys):
+    store = tmp_path / "store"
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "reward")
+    summary = run_cli(store, tmp_path, "--until", "reward", "--set", "execution.retries=0", expect=1)
+    err = capsys.readouterr().err
+    assert "stage 'reward' failed" in err and "exit code 3" in err
+    log = Path(err.split("(log: ")[1].split(")")[0])
+    assert log.exists() and "fake failure" in log.read_text()
+    assert statuses(summary) == {"data": "ran", "sft": "ran", "reward": "failed"}
+
+
+def test_bad_input_exits_2_before_anything_runs(fakes, tmp_path, capsys):
+    rc = main(["run", *_args(tmp_path / "store", tmp_path, "--set", "ppo.kl_coef=-1")])
+    assert rc == 2 and "ppo.kl_coef" in capsys.readouterr().err
+    assert fakes() == []
+
+
+def test_no_prefect_mode_uses_the_same_cache(fakes, tmp_path, prefect_api):
+    store = tmp_path / "store"
+    first = run_cli(store, tmp_path, "--until", "sft", "--no-prefect")
+    assert statuses(first) == {"data": "ran", "sft": "ran"}
+    second = run_cli(store, tmp_path, "--until", "reward")
+    assert statuses(second) == {"data": "cached", "sft": "cached", "reward": "ran"}
+
+
+def test_s3_store_keeps_cache_records_in_the_bucket(fakes, tmp_path, prefect_api, moto_server, s3_bucket,
+                                                    monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    url = f"{s3_bucket}/exp"
+    first = run_cli(url, tmp_path, "--until", "sft")
+    assert statuses(first) == {"data": "ran", "sft": "ran"}
+    second = run_cli(url, tmp_path, "--until", "sft")
+    assert {v["prefect_state"] for v in second["stages"].values()} == {"Cached"}
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_server})
+    assert len(fs.ls(f"{url}/_prefect/cache")) == 2
+    assert fs.exists(f"{url}/runs/{second['run_id']}.json")
