@@ -1,0 +1,7 @@
+"""Step 4: evaluation of the SFT vs PPO policies, the report with plots, and chat/generate.
+
+- `stage.run(spec)`: the eval stage job (single process); `stage.evaluate(EvalInputs, EvalConfig)` on folders.
+- `metrics`: pure metric functions (win rate, EOS rate, KL, pairwise accuracy).
+- `report.write_report`, `report.cmd_report` (`rlhf report`), `report.publish_report` (Prefect hook, Prefect-free).
+- `chat.cmd_chat` / `chat.cmd_generate` (`rlhf chat`, `rlhf generate`).
+"""

@@ -1,0 +1,345 @@
+"""The evaluation report: markdown + PNG plots from an eval artifact's files, `rlhf report`, and a Prefect-free
+publishing hook for the flow.
+
+An eval artifact (or any folder with the same files) holds:
+  metrics.json   {"summary": {flat scalars}, "samples": [...first few...], "meta": {...}, "upstream": {...}}
+  samples.json   one record per held-out prompt (every policy's answer and scores)
+  curves.json    {stage: history list} copied from the upstream artifacts' metrics.json
+`write_report(src, out)` turns these into out/report.md and out/plots/*.png; the stage and `rlhf report` both use
+it, so a regenerated report is the same as the committed one.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import StoreError, UserError
+from . import plots
+
+POLICY_ORDER = ("sft", "ppo", "ema")
+POLICY_TITLES = {"sft": "SFT", "ppo": "PPO", "ema": "PPO (EMA)"}
+MAX_CELL = 240
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def load_eval_folder(src: Path) -> tuple[dict, list[dict], dict]:
+    """(metrics.json document, all samples, curves) of an eval folder; missing files read as empty."""
+    src = Path(src)
+    doc = _read_json(src / "metrics.json", {})
+    if not isinstance(doc, dict) or "summary" not in doc:
+        raise UserError(f"{src}: not an evaluation artifact (no metrics.json with a summary)")
+    samples = _read_json(src / "samples.json", None)
+    if not isinstance(samples, list):
+        samples = doc.get("samples") or []
+    curves = _read_json(src / "curves.json", {})
+    return doc, samples, curves if isinstance(curves, dict) else {}
+
+
+def policies_of(summary: dict) -> list[str]:
+    return [p for p in POLICY_ORDER if f"rm_{p}" in summary]
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pm(summary: dict, key: str) -> str:
+    if key not in summary:
+        return "—"
+    std = summary.get(f"{key}_std")
+    return _fmt(summary[key]) + (f" ± {_fmt(std)}" if std is not None else "")
+
+
+def comparison_rows(summary: dict) -> list[dict[str, str]]:
+    """The comparison table as rows {metric, <POLICY TITLE>...}; rows with no value for any policy are left
+    out. Used for report.md and for the Prefect table artifact."""
+    pols = policies_of(summary)
+
+    def win(metric: str, p: str) -> str:
+        if p == "sft":
+            return "—"
+        return _fmt(summary.get(f"win_rate_{metric}" + ("" if p == "ppo" else f"_{p}")))
+
+    spec: list[tuple[str, Callable[[str], str]]] = [
+        ("reward-model score (mean ± std)", lambda p: _pm(summary, f"rm_{p}")),
+        ("gold score (mean ± std)", lambda p: _pm(summary, f"gold_{p}")),
+        ("win rate vs SFT, reward model", lambda p: win("rm", p)),
+        ("win rate vs SFT, gold", lambda p: win("gold", p)),
+        ("KL to reference (SFT), nats/answer", lambda p: _pm(summary, f"kl_{p}_ref")),
+        ("response length, tokens", lambda p: _fmt(summary.get(f"len_{p}"), 1)),
+        ("EOS rate", lambda p: _fmt(summary.get(f"eos_rate_{p}"))),
+    ]
+    rows = []
+    for label, fn in spec:
+        row = {"metric": label, **{POLICY_TITLES[p]: fn(p) for p in pols}}
+        if any(v != "—" for k, v in row.items() if k != "metric"):
+            rows.append(row)
+    return rows
+
+
+def _cell(text: Any, limit: int = MAX_CELL) -> str:
+    s = "" if text is None else str(text)
+    s = s if len(s) <= limit else s[: limit - 1] + "…"
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "∅"
+
+
+def sample_rows(samples: list[dict], policies: list[str], n: int) -> list[dict[str, str]]:
+    """Sample prompts with each policy's answer, RM and gold score: rows for the report and a table artifact."""
+    rows = []
+    for s in samples[:n]:
+        idx = s.get("index")
+        row = {"#": str(idx + 1 if isinstance(idx, int) else len(rows) + 1), "prompt": _cell(s.get("prompt"))}
+        for p in policies:
+            r = s.get(p) or {}
+            t = POLICY_TITLES[p]
+            row[f"{t} answer"] = _cell(r.get("response"))
+            row[f"{t} RM"] = _fmt(r.get("rm"))
+            if r.get("gold") is not None:
+                row[f"{t} gold"] = _fmt(r.get("gold"))
+        rows.append(row)
+    # every row gets every column (gold only on some rows)
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(c for c in r if c not in cols)
+    return [{c: r.get(c, "—") for c in cols} for r in rows]
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+# ---- markdown -------------------------------------------------------------------------------------------
+SECTIONS = ("## Comparison", "## Reward model", "## Sample answers", "## Training curves", "## Artifacts")
+
+
+def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) -> str:
+    """The whole report as markdown; plots are linked by their relative paths (plots/*.png)."""
+    summary = doc.get("summary", {})
+    meta = doc.get("meta", {}) or {}
+    cfg = meta.get("config", {}) or {}
+    pols = policies_of(summary)
+    n_show = int(cfg.get("num_samples_in_report", 8))
+    decoding = (f"sampling (temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, seed {cfg.get('seed')})"
+                if cfg.get("do_sample") else "greedy decoding")
+    lines = [f"# RLHF evaluation: {meta.get('experiment', 'experiment')}", ""]
+    lines.append(f"{int(summary.get('num_prompts', len(samples)))} held-out prompts, {decoding}, "
+                 f"at most {cfg.get('max_new_tokens', '?')} new tokens. Policies: "
+                 + ", ".join(POLICY_TITLES[p] for p in pols) + ".")
+    verdict = _verdict(summary)
+    if verdict:
+        lines += ["", verdict]
+    lines += ["", SECTIONS[0], "", markdown_table(comparison_rows(summary))]
+    lines += [SECTIONS[1], ""]
+    if "rm_accuracy" in summary:
+        lines.append(f"Pairwise accuracy on {int(summary.get('num_pairs', 0))} held-out preference pairs: "
+                     f"**{_fmt(summary['rm_accuracy'])}** (mean margin chosen − rejected "
+                     f"{_fmt(summary.get('rm_margin'))}).")
+    else:
+        lines.append("_No held-out reward pairs in the data artifact._")
+    up = doc.get("upstream", {}) or {}
+    if isinstance(up.get("reward"), dict) and up["reward"]:
+        lines += ["", "Reward stage summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(up["reward"].items())
+                                                           if isinstance(v, (int, float)))]
+    lines += ["", SECTIONS[2], ""]
+    lines.append(markdown_table(sample_rows(samples, pols, n_show)))
+    lines += [SECTIONS[3], ""]
+    if plot_paths:
+        for name, rel in plot_paths.items():
+            title = "Evaluation scores" if name == "eval_scores" else plots.STAGE_TITLES.get(name, name)
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    else:
+        lines += ["_No training history found in the upstream artifacts._", ""]
+    lines += [SECTIONS[4], ""]
+    for name, uri in sorted((meta.get("inputs") or {}).items()):
+        lines.append(f"- {name}: `{uri}`")
+    if meta.get("output_uri"):
+        lines.append(f"- eval: `{meta['output_uri']}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _verdict(summary: dict) -> str:
+    parts = []
+    if "gold_ppo" in summary and "gold_sft" in summary:
+        d = summary["gold_ppo"] - summary["gold_sft"]
+        parts.append(f"gold score {_fmt(summary['gold_sft'])} → {_fmt(summary['gold_ppo'])} ({d:+.3f})")
+    if "win_rate_rm" in summary:
+        parts.append(f"PPO wins {100 * summary['win_rate_rm']:.0f}% of prompts under the reward model")
+    if "kl_ppo_ref" in summary:
+        parts.append(f"KL to the SFT reference {_fmt(summary['kl_ppo_ref'])} nats/answer")
+    return ("**PPO vs SFT:** " + "; ".join(parts) + ".") if parts else ""
+
+
+def write_report(src_dir: Path, out_dir: Path) -> Path:
+    """Render report.md and plots/*.png into `out_dir` from the eval files in `src_dir` (may be the same)."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    doc, samples, curves = load_eval_folder(src_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = plots.make_plots(curves, samples, policies_of(doc.get("summary", {})), out_dir)
+    path = out_dir / "report.md"
+    path.write_text(render_markdown(doc, samples, made))
+    if src_dir.resolve() != out_dir.resolve():
+        for name in ("metrics.json", "samples.json", "curves.json"):
+            if (src_dir / name).exists():
+                (out_dir / name).write_bytes((src_dir / name).read_bytes())
+    return path
+
+
+# ---- locating an eval artifact --------------------------------------------------------------------------
+def find_eval_uri(record: Any) -> str | None:
+    """The eval stage's artifact URI in a run record / run summary JSON, whatever its exact layout:
+    {"eval_uri": ...} (flows' runs/<id>.json), {"stages": {"eval": {"uri": ...}}}, {"stages": [{"stage": "eval",
+    "uri": ...}]}, {"eval": "URI"}, ..."""
+    uri_keys = ("uri", "artifact_uri", "artifact", "output_uri")
+    if isinstance(record, dict):
+        if isinstance(record.get("eval_uri"), str):  # flows' run record
+            return record["eval_uri"]
+        if record.get("stage") == "eval":
+            for k in uri_keys:
+                if isinstance(record.get(k), str):
+                    return record[k]
+        ev = record.get("eval")
+        if isinstance(ev, str) and "/eval/" in ev.replace("\\", "/"):
+            return ev
+        if isinstance(ev, dict):
+            for k in uri_keys:
+                if isinstance(ev.get(k), str):
+                    return ev[k]
+        for v in record.values():
+            found = find_eval_uri(v)
+            if found:
+                return found
+    elif isinstance(record, list):
+        for v in record:
+            found = find_eval_uri(v)
+            if found:
+                return found
+    return None
+
+
+def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: str | None = None) -> Path:
+    """A local folder with the eval artifact's files for `target`: an eval artifact URI (s3://... or a local
+    store path), a local eval folder, a run record JSON file, or a run id (`runs/<id>.json` in the store)."""
+    from ..store import ArtifactStore, open_store_for_uri
+
+    p = Path(target).expanduser()
+    if p.is_dir() and (p / "metrics.json").exists():
+        return p
+    if p.is_file():
+        uri = find_eval_uri(_read_json(p, None))
+        if not uri:
+            raise UserError(f"{target}: no eval stage URI in this run record")
+        return resolve_eval_dir(uri, store_url, endpoint_url)
+    if "://" in target:
+        st, kind, key = open_store_for_uri(target, endpoint_url)
+        if kind != "eval":
+            raise UserError(f"{target}: a {kind!r} artifact, expected an eval artifact URI or a run id")
+        return st.get(kind, key)
+    # a run id: runs/<id>.json in the store
+    if store_url is None:
+        from ..config import load_config
+
+        store_url = load_config(None).store.url
+    store = ArtifactStore(store_url, endpoint_url=endpoint_url)
+    run_id = target.removeprefix("runs/").removesuffix(".json")
+    try:
+        record = store.read_json(f"runs/{run_id}.json")
+    except (FileNotFoundError, StoreError):
+        raise UserError(f"{target}: not an eval artifact URI, a folder, a run record file, or a run id in "
+                        f"{store.url}/runs/") from None
+    uri = find_eval_uri(record)
+    if not uri:
+        raise UserError(f"run {run_id}: its record names no eval artifact (did the run reach the eval stage?)")
+    return resolve_eval_dir(uri, store_url, endpoint_url)
+
+
+def cmd_report(args) -> int:
+    """`rlhf report RUN_OR_URI [--store URL] [--out DIR]`: regenerate report.md + plots and print its path."""
+    from ..models import cache_root
+
+    src = resolve_eval_dir(args.target, getattr(args, "store", None))
+    out = Path(args.out) if getattr(args, "out", None) else cache_root() / "reports" / plots.safe_name(src.name)
+    path = write_report(src, out)
+    print(path)
+    return 0
+
+
+# ---- publishing (the flow passes Prefect's functions; nothing here imports Prefect) ----------------------
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "rlhf-eval"
+
+
+def embed_plots(markdown: str, folder: Path, image_url: Callable[[str], str] | None = None) -> str:
+    """Replace `](plots/x.png)` links: with `image_url(rel)` when given (e.g. a served URL), else with inline
+    base64 PNG data so the report shows its plots wherever the markdown is displayed."""
+
+    def repl(m: re.Match) -> str:
+        rel = m.group(1)
+        if image_url is not None:
+            return f"]({image_url(rel)})"
+        f = folder / rel
+        if not f.is_file():
+            return m.group(0)
+        return f"](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
+
+    return re.sub(r"\]\((plots/[A-Za-z0-9_.-]+\.png)\)", repl, markdown)
+
+
+def publish_report(source: str | Path, *, markdown: Callable[..., Any], table: Callable[..., Any] | None = None,
+                   key: str = "rlhf-eval", image_url: Callable[[str], str] | None = None,
+                   store_url: str | None = None) -> list[Any]:
+    """Publish an evaluation report through caller-supplied functions with Prefect's artifact signatures:
+    `markdown(markdown=str, key=str, description=str)` and `table(table=list[dict], key=str, description=str)`.
+
+    The flow calls, e.g.:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        publish_report(eval_uri, markdown=create_markdown_artifact, table=create_table_artifact,
+                       key=f"{experiment}-eval")
+    `source` is an eval artifact URI, a local eval/report folder, a run record file or a run id. Publishes
+    `<key>-report` (the report with plots inlined, or linked through `image_url`), and with `table`,
+    `<key>-summary` (comparison table) and `<key>-samples` (sample answers). Returns the callables' results."""
+    src = resolve_eval_dir(str(source), store_url)
+    report = src / "report.md"
+    if not report.exists():
+        from ..models import cache_root
+
+        report = write_report(src, cache_root() / "reports" / plots.safe_name(src.name))
+    doc, samples, _ = load_eval_folder(src)
+    summary = doc.get("summary", {})
+    meta = doc.get("meta", {}) or {}
+    where = meta.get("output_uri") or str(src)
+    k = _artifact_key(key)
+    md = embed_plots(report.read_text(), report.parent, image_url)
+    out = [markdown(markdown=md, key=f"{k}-report", description=f"Evaluation report ({where})")]
+    if table is not None:
+        pols = policies_of(summary)
+        n = int((meta.get("config") or {}).get("num_samples_in_report", 8))
+        out.append(table(table=comparison_rows(summary), key=f"{k}-summary",
+                         description="SFT vs PPO on held-out prompts"))
+        out.append(table(table=sample_rows(samples, pols, n), key=f"{k}-samples",
+                         description="Sample answers with reward-model and gold scores"))
+    return out

@@ -1,0 +1,310 @@
+"""Evaluation stage: compare the SFT and PPO policies (and the EMA actor when kept) on held-out prompts.
+
+Inputs (spec.inputs): `data`, `sft`, `reward`, `ppo` artifact URIs. For each policy, greedy (or seeded sampled)
+answers to the data artifact's ppo/eval prompts are scored by the reward model and, where a row names one, by the
+gold scorer. The summary has mean/std of each score, PPO-vs-SFT win rates, KL of the PPO policy to the reference
+(the SFT policy) on its own samples, response length, EOS rate, and the reward model's pairwise accuracy on the
+held-out reward/eval pairs. Output artifact: report.md, metrics.json, samples.json, curves.json, plots/*.png.
+
+Nothing here imports Prefect; `evaluate()` is usable on local folders without a spec.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import models
+from ..config import EvalConfig
+from ..errors import DataError, StoreError
+from ..stages import commit_stage_output
+from . import generation, metrics
+
+POLICIES = ("sft", "ppo", "ema")  # display order; ema only when the PPO artifact has one
+UPSTREAM_STAGES = ("data", "sft", "reward", "ppo")
+
+
+@dataclass
+class PolicyResult:
+    """Per-prompt outputs of one policy."""
+
+    name: str
+    response_ids: list[list[int]]
+    responses: list[str]
+    rm: list[float]
+    gold: list[float | None]
+    eos: list[bool]
+    kl: list[float] | None = None  # to the reference (None for the reference itself)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
+
+
+@dataclass
+class EvalInputs:
+    """Local folders of everything evaluation reads."""
+
+    data_dir: Path
+    sft_dir: Path
+    reward_dir: Path
+    ppo_dir: Path | None = None  # artifact root (actor/ and maybe ema/ inside)
+
+    def policy_dirs(self) -> dict[str, Path]:
+        dirs = {"sft": self.sft_dir}
+        if self.ppo_dir is not None:
+            dirs["ppo"] = policy_folder(self.ppo_dir)
+            if (self.ppo_dir / "ema" / "config.json").exists():
+                dirs["ema"] = self.ppo_dir / "ema"
+        return dirs
+
+
+def policy_folder(path: Path) -> Path:
+    """The HF folder of a policy artifact: a PPO artifact's `actor/`, else the folder itself."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "actor" / "config.json").exists():
+        return path / "actor"
+    return path
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def select_rows(n: int, k: int, seed: int) -> list[int]:
+    """k row indices out of n, chosen by `seed`, in ascending order (all rows when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def same_vocab(tok_a, tok_b) -> bool:
+    return tok_a is tok_b or (len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab())
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _load_phase(data_dir: Path, phase: str, split: str):
+    from ..data.artifact import load_phase
+
+    return load_phase(data_dir, phase, split)
+
+
+def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None = None,
+             log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """Run the comparison. Returns (flat summary of scalars, one sample record per prompt)."""
+    device = device or pick_device()
+    torch.manual_seed(ecfg.seed)
+    prompts = _load_phase(inputs.data_dir, "ppo", "eval")
+    if len(prompts) == 0:
+        raise DataError(f"{inputs.data_dir}: ppo/eval split is empty: no held-out prompts to evaluate")
+    rows = prompts.select(select_rows(len(prompts), ecfg.num_prompts, ecfg.seed))
+    prompt_ids = [list(p) for p in rows["prompt_ids"]]
+    raw_prompts = list(rows["prompt"])
+    prompt_texts = list(rows["prompt_text"]) if "prompt_text" in rows.column_names else raw_prompts
+    gold_names = list(rows["gold"]) if "gold" in rows.column_names else [None] * len(rows)
+
+    rm_tok = models.load_tokenizer(str(inputs.reward_dir), padding_side="right")
+    rm = models.load_score_model(str(inputs.reward_dir), dropout=0.0).to(device)
+    rm.eval()
+
+    gen_cfg_kw = dict(max_new_tokens=ecfg.max_new_tokens, do_sample=ecfg.do_sample, temperature=ecfg.temperature,
+                      top_p=ecfg.top_p, top_k=ecfg.top_k)
+    kl_temperature = ecfg.temperature if ecfg.do_sample else 1.0
+    results: dict[str, PolicyResult] = {}
+    reference = None
+    for name, folder in inputs.policy_dirs().items():
+        t0 = time.time()
+        tok = models.load_tokenizer(str(folder), padding_side="left")
+        model = models.load_causal_lm(str(folder), dropout=0.0).to(device)
+        model.eval()
+        gen_cfg = generation.generation_config(tok, **gen_cfg_kw)
+        resp = generation.generate(model, tok, prompt_ids, batch_size=ecfg.batch_size, device=device,
+                                   gen_cfg=gen_cfg, seed=ecfg.seed)
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in resp]
+        eos = [bool(r) and r[-1] == tok.eos_token_id for r in resp]
+        rm_scores = _rm_scores(rm, rm_tok, tok, prompt_ids, prompt_texts, resp, texts, ecfg.batch_size, device)
+        gold = _gold_scores(gold_names, raw_prompts, texts)
+        kl = None
+        if reference is not None:
+            kl = generation.kl_to_reference(model, reference, prompt_ids, resp, pad_id=tok.pad_token_id,
+                                            batch_size=ecfg.batch_size, device=device, temperature=kl_temperature)
+        results[name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl)
+        log(f"eval: {name}: {len(resp)} answers, rm {metrics.mean_std(rm_scores)[0]:.4f}"
+            + (f", kl {metrics.mean_std(kl)[0]:.4f}" if kl is not None else "") + f" ({time.time() - t0:.1f}s)")
+        if name == "sft":
+            reference = model  # the SFT policy is PPO's reference
+        else:
+            del model
+
+    summary = summarize(results)
+    summary.update(_rm_accuracy(inputs.data_dir, rm, rm_tok, ecfg, device))
+    summary["num_prompts"] = len(rows)
+    samples = sample_records(rows, results)
+    return summary, samples
+
+
+def _rm_scores(rm, rm_tok, pol_tok, prompt_ids, prompt_texts, resp, texts, batch_size, device) -> list[float]:
+    """Score prompt+response with the reward model: on the policy's tokens when the vocabularies match, else
+    re-tokenized from text with the RM's tokenizer (EOS appended where the policy ended with EOS)."""
+    if same_vocab(rm_tok, pol_tok):
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids, resp)]
+    else:
+        seqs = []
+        for ptxt, r, txt in zip(prompt_texts, resp, texts):
+            ids = rm_tok(ptxt + " " + txt, add_special_tokens=False)["input_ids"]
+            if r and r[-1] == pol_tok.eos_token_id and rm_tok.eos_token_id is not None:
+                ids.append(rm_tok.eos_token_id)
+            seqs.append(ids)
+    return generation.score(rm, seqs, pad_id=rm_tok.pad_token_id, batch_size=batch_size, device=device)
+
+
+_GOLD_CACHE: dict[str, Callable[[str, str], float]] = {}
+
+
+def _gold_scores(names: list[str | None], prompts: list[str], responses: list[str]) -> list[float | None]:
+    out: list[float | None] = []
+    for name, p, r in zip(names, prompts, responses):
+        if not name:
+            out.append(None)
+            continue
+        if name not in _GOLD_CACHE:
+            from ..data.gold import get_gold_scorer
+
+            _GOLD_CACHE[name] = get_gold_scorer(name)
+        out.append(float(_GOLD_CACHE[name](p, r)))
+    return out
+
+
+def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
+    """Flat summary: per policy rm/gold mean+std, length, EOS rate, KL; each non-SFT policy's win rates vs SFT.
+    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, kl_<p>_ref, win_rate_rm[_<p>],
+    win_rate_gold[_<p>] (the suffix is omitted for ppo). Values that cannot be computed are left out."""
+    s: dict[str, float] = {}
+    for name, r in results.items():
+        s[f"rm_{name}"], s[f"rm_{name}_std"] = metrics.mean_std(r.rm)
+        gold = [g for g in r.gold if g is not None]
+        if gold:
+            s[f"gold_{name}"], s[f"gold_{name}_std"] = metrics.mean_std(gold)
+        s[f"len_{name}"] = metrics.mean_std(r.lengths)[0]
+        s[f"eos_rate_{name}"] = metrics.rate(r.eos)
+        if r.kl is not None:
+            s[f"kl_{name}_ref"], s[f"kl_{name}_ref_std"] = metrics.mean_std(r.kl)
+    base = results.get("sft")
+    for name, r in results.items():
+        if base is None or name == "sft":
+            continue
+        suffix = "" if name == "ppo" else f"_{name}"
+        s[f"win_rate_rm{suffix}"] = metrics.win_rate(r.rm, base.rm)
+        pairs = [(a, b) for a, b in zip(r.gold, base.gold) if a is not None and b is not None]
+        if pairs:
+            s[f"win_rate_gold{suffix}"] = metrics.win_rate([a for a, _ in pairs], [b for _, b in pairs])
+    return {k: float(v) for k, v in s.items() if _finite(v)}
+
+
+@torch.no_grad()
+def _rm_accuracy(data_dir: Path, rm, rm_tok, ecfg: EvalConfig, device) -> dict[str, float]:
+    """Pairwise accuracy of the reward model on held-out reward/eval pairs (prompt+chosen vs prompt+rejected)."""
+    try:
+        pairs = _load_phase(data_dir, "reward", "eval")
+    except (FileNotFoundError, DataError, StoreError):  # no reward/eval split in this data artifact
+        return {}
+    if len(pairs) == 0:
+        return {}
+    pairs = pairs.select(select_rows(len(pairs), ecfg.num_pairs, ecfg.seed))
+    chosen = [list(p) + list(c) for p, c in zip(pairs["prompt_ids"], pairs["chosen_ids"])]
+    rejected = [list(p) + list(r) for p, r in zip(pairs["prompt_ids"], pairs["rejected_ids"])]
+    kw = dict(pad_id=rm_tok.pad_token_id, batch_size=ecfg.batch_size, device=device)
+    c, r = generation.score(rm, chosen, **kw), generation.score(rm, rejected, **kw)
+    margin = metrics.mean_std([a - b for a, b in zip(c, r)])[0]
+    return {"rm_accuracy": metrics.pairwise_accuracy(c, r), "rm_margin": margin, "num_pairs": float(len(c))}
+
+
+def sample_records(rows, results: dict[str, PolicyResult]) -> list[dict]:
+    """One JSON record per prompt with every policy's answer and scores."""
+    cols = rows.column_names
+    out = []
+    for i in range(len(rows)):
+        rec: dict[str, Any] = {
+            "index": i,
+            "source": rows["source"][i] if "source" in cols else None,
+            "row": int(rows["row"][i]) if "row" in cols else None,
+            "prompt": rows["prompt"][i],
+            "gold_scorer": rows["gold"][i] if "gold" in cols else None,
+        }
+        for name, r in results.items():
+            rec[name] = {"response": r.responses[i], "rm": r.rm[i], "gold": r.gold[i], "length": r.lengths[i],
+                         "eos": r.eos[i]}
+            if r.kl is not None:
+                rec[name]["kl"] = r.kl[i]
+        out.append(rec)
+    return out
+
+
+# ---- artifact ---------------------------------------------------------------------------------------------
+def read_upstream(dirs: dict[str, Path]) -> dict[str, dict]:
+    """metrics.json of each upstream artifact (missing or unreadable ones are skipped)."""
+    out = {}
+    for stage, d in dirs.items():
+        p = Path(d) / "metrics.json"
+        try:
+            out[stage] = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def write_outputs(out_dir: Path, summary: dict, samples: list[dict], upstream: dict[str, dict],
+                  meta: dict, num_samples_in_report: int) -> None:
+    """Write metrics.json, samples.json, curves.json and the report (report.md + plots/) into `out_dir`."""
+    from .report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = {s: m.get("history", []) for s, m in upstream.items() if isinstance(m.get("history"), list)}
+    upstream_summaries = {s: m.get("summary", {}) for s, m in upstream.items()}
+    doc = {"summary": summary, "samples": samples[:num_samples_in_report], "meta": meta,
+           "upstream": upstream_summaries}
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    (out_dir / "samples.json").write_text(json.dumps(samples, indent=1, sort_keys=True))
+    (out_dir / "curves.json").write_text(json.dumps(curves, indent=1, sort_keys=True))
+    write_report(out_dir, out_dir)
+
+
+def run(spec) -> str:
+    """Stage entry point (single process): evaluate, write the report, commit the artifact."""
+    cfg = spec.pipeline_config()
+    ecfg = cfg.eval
+    store = spec.open_store()
+    dirs = {name: store.get_uri(spec.inputs[name]) for name in UPSTREAM_STAGES if name in spec.inputs}
+    missing = [n for n in ("data", "sft", "reward") if n not in dirs]
+    if missing:
+        raise DataError(f"eval stage spec has no input(s) {', '.join(missing)}")
+    inputs = EvalInputs(dirs["data"], dirs["sft"], dirs["reward"], dirs.get("ppo"))
+    device = pick_device(cfg.execution.device)
+    print(f"eval: device {device}, {ecfg.num_prompts} prompts, policies {', '.join(inputs.policy_dirs())}",
+          flush=True)
+    t0 = time.time()
+    summary, samples = evaluate(inputs, ecfg, device, log=lambda s: print(s, flush=True))
+    summary["eval_seconds"] = round(time.time() - t0, 3)
+    meta = {"experiment": cfg.experiment, "inputs": dict(spec.inputs), "output_uri": spec.output_uri,
+            "config": ecfg.model_dump(mode="json")}
+    scratch = Path(spec.run_dir) if spec.run_dir else Path(tempfile.mkdtemp(prefix="rlhf-eval-"))
+    out_dir = scratch / "eval-artifact"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    write_outputs(out_dir, summary, samples, read_upstream(dirs), meta, ecfg.num_samples_in_report)
+    uri = commit_stage_output(spec, out_dir, summary)
+    print(f"eval: committed {uri}", flush=True)
+    return uri
