@@ -228,3 +228,5 @@ def test_generate_command_on_a_small_file(taught_model, tmp_path, capsys):
     jl.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert main(["generate", "--model", str(ppo), "--prompts", str(jl)]) == 2
     assert f"{jl}:2:prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ppo), "--prompts", str(prompts), "--top-p", "1.5"]) == 2
+    assert "--top-p" in capsys.readouterr().err

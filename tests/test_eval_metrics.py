@@ -62,6 +62,16 @@ def test_sequence_kl_sums_masked_log_ratio():
     assert metrics.sequence_kl(logp, ref, mask).tolist() == pytest.approx([-0.5, 1.5])
 
 
+def test_token_kl_exact_by_hand():
+    # p = [1/4, 3/4] (logits [0, ln 3]); q = [1/2, 1/2]: KL = 1/4 ln(1/2) + 3/4 ln(3/2)
+    p = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])
+    q = torch.zeros(1, 2, 2)
+    want = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert metrics.token_kl(p, q).shape == (1, 1)
+    assert metrics.token_kl(p, q).item() == pytest.approx(want)
+    assert metrics.token_kl(p, p).item() == 0.0
+
+
 def test_select_rows_is_seeded_and_sorted():
     a, b = select_rows(100, 10, 3), select_rows(100, 10, 3)
     assert a == b == sorted(a) and len(set(a)) == 10

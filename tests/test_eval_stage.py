@@ -124,11 +124,18 @@ def _numbers(folder: Path) -> tuple[dict, list]:
     return summary, json.loads((folder / "samples.json").read_text())
 
 
-def test_stage_runs_reproducibly_in_process_and_as_job(upstream, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(upstream, tmp_path_factory):
+    """The stage run once in process: (store, eval URI)."""
     store, uris = upstream
-    uri1 = stage.run(_spec(store, uris, "e1", tmp_path / "run1"))
-    assert uri1 == store.uri("eval", "e1") and store.exists("eval", "e1")
+    uri = stage.run(_spec(store, uris, "e1", tmp_path_factory.mktemp("run1")))
+    return store, uri
 
+
+def test_stage_run_as_a_job_reproduces_the_numbers(upstream, evaluated, tmp_path):
+    store, uris = upstream
+    _, uri1 = evaluated
+    assert uri1 == store.uri("eval", "e1") and store.exists("eval", "e1")
     spec2 = _spec(store, uris, "e2", tmp_path / "run2")
     spec_file = tmp_path / "spec2.json"
     spec_file.write_text(spec2.to_json())
@@ -147,9 +154,8 @@ def test_stage_runs_reproducibly_in_process_and_as_job(upstream, tmp_path):
     assert store.read_manifest("eval", "e1").metrics["rm_ppo"] == s1["rm_ppo"]
 
 
-def test_summary_is_consistent_with_the_samples(upstream, tmp_path):
-    store, uris = upstream
-    uri = stage.run(_spec(store, uris, "e3", tmp_path / "run"))
+def test_summary_is_consistent_with_the_samples(evaluated):
+    store, uri = evaluated
     folder = store.get_uri(uri)
     s, samples = _numbers(folder)
     for key in ("rm_sft", "rm_ppo", "rm_ema", "gold_sft", "gold_ppo", "win_rate_rm", "win_rate_gold", "kl_ppo_ref",
@@ -164,8 +170,9 @@ def test_summary_is_consistent_with_the_samples(upstream, tmp_path):
         assert x["ppo"]["gold"] == pytest.approx(demo.gold_score(x["prompt"], x["ppo"]["response"]))
     assert all(x["sft"]["length"] <= EVAL.max_new_tokens for x in samples)
     # the EMA folder is a copy of the reference: zero KL, same scores, every prompt a tie
-    assert s["kl_ema_ref"] == 0.0 and s["rm_ema"] == s["rm_sft"] and s["win_rate_rm_ema"] == 0.5
-    assert s["kl_ppo_ref"] != 0.0
+    assert s["kl_ema_ref"] == 0.0 and s["kl_ema_ref_exact"] == 0.0
+    assert s["rm_ema"] == s["rm_sft"] and s["win_rate_rm_ema"] == 0.5
+    assert s["kl_ppo_ref"] != 0.0 and s["kl_ppo_ref_exact"] > 0.0
     assert 0.0 <= s["rm_accuracy"] <= 1.0 and s["num_pairs"] == 8
     # the report: every section, real plots of every upstream stage with a history
     text = (folder / "report.md").read_text()

@@ -147,3 +147,16 @@ def test_publish_report_through_callables(tmp_path):
     # linking instead of embedding
     md2 = report.embed_plots("![x](plots/ppo.png)", src, image_url=lambda rel: f"https://h/{rel}")
     assert md2 == "![x](https://h/plots/ppo.png)"
+
+
+def test_publish_from_a_store_uri_and_run_id(tmp_path, any_store):
+    """The flow's call: publish_report(eval URI or run id, store=its store) on a local folder and on S3 (moto)."""
+    src = make_eval_folder(tmp_path / "eval")
+    report.write_report(src, src)
+    uri = any_store.put_dir(src, "eval", "k9", metrics=SUMMARY)
+    any_store.write_json("runs/r9.json", {"run_id": "r9", "eval_uri": uri})
+    for target in (uri, "r9"):
+        got: dict = {}
+        report.publish_report(target, store=any_store, markdown=lambda **kw: got.update(kw))
+        assert got["key"] == "rlhf-eval-report" and "## Training curves" in got["markdown"]
+        assert got["markdown"].count("data:image/png;base64,") == 4

@@ -64,6 +64,10 @@ def stop_strings(tokenizer) -> list[str]:
 
 def sampling_config(args, tokenizer):
     """GenerationConfig from the CLI flags (temperature 0 = greedy, top-k 0 = off)."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("sampling flags: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
     do_sample = args.temperature > 0
     return generation.generation_config(tokenizer, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                                         temperature=args.temperature if do_sample else 1.0,

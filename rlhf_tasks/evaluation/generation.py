@@ -86,21 +86,28 @@ def score(score_model, sequences: Sequence[Sequence[int]], *, pad_id: int, batch
 
 @torch.no_grad()
 def kl_to_reference(policy, reference, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                    *, pad_id: int, batch_size: int, device: torch.device, temperature: float = 1.0) -> list[float]:
-    """Per-sequence KL estimate sum_t (logp_policy - logp_ref) over the response tokens the policy sampled."""
+                    *, pad_id: int, batch_size: int, device: torch.device,
+                    temperature: float = 1.0) -> tuple[list[float], list[float]]:
+    """KL of a policy to its reference over the response tokens the policy produced, per sequence:
+    (k1: sum_t logp_policy - logp_ref of the chosen tokens, exact: sum_t KL of the next-token distributions)."""
     policy.eval()
     reference.eval()
-    out: list[float] = []
+    k1: list[float] = []
+    exact: list[float] = []
     for idx in batches(len(prompt_ids), batch_size):
         seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in idx]
         ids, mask = pad(seqs, pad_id, "right")
-        # which next-token positions belong to the response: token t+1 with prompt_len <= t+1 < full length
+        # response tokens sit at prompt_len <= t < prompt_len + response_len; they are predicted from t - 1
         resp = torch.zeros_like(mask)
         for row, i in enumerate(idx):
             p, r = len(prompt_ids[i]), len(response_ids[i])
             resp[row, p: p + r] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        lp = metrics.token_logprobs(models.lm_logits(policy, ids, mask), ids, temperature)
-        lr = metrics.token_logprobs(models.lm_logits(reference, ids, mask), ids, temperature)
-        out.extend(metrics.sequence_kl(lp, lr, resp[:, 1:].to(device)).float().cpu().tolist())
-    return out
+        ids, mask, resp = ids.to(device), mask.to(device), resp[:, 1:].to(device)
+        logits = models.lm_logits(policy, ids, mask)
+        ref_logits = models.lm_logits(reference, ids, mask)
+        lp = metrics.token_logprobs(logits, ids, temperature)
+        lr = metrics.token_logprobs(ref_logits, ids, temperature)
+        k1.extend(metrics.sequence_kl(lp, lr, resp).float().cpu().tolist())
+        per_token = metrics.token_kl(logits, ref_logits, temperature) * resp
+        exact.extend(per_token.sum(-1).float().cpu().tolist())
+    return k1, exact

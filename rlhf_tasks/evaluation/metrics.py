@@ -47,6 +47,16 @@ def sequence_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) 
     return ((logp - logp_ref) * mask.to(logp.dtype)).sum(-1)
 
 
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Exact KL(policy || ref) of the next-token distributions at each position, sum_v p_v (log p_v - log q_v),
+    aligned with `token_logprobs` (position t predicts token t+1). Summed over a response (with
+    `sequence_kl`-style masking) it is the KL along the policy's own trajectory: never negative, and meaningful
+    for greedy answers too, where the sampled-token estimate is not. [B, T, V], [B, T, V] -> [B, T-1]"""
+    lp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    lq = torch.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (ddof=0); (nan, nan) for no values."""
     vals = [float(v) for v in values]

@@ -84,6 +84,7 @@ def comparison_rows(summary: dict) -> list[dict[str, str]]:
         ("win rate vs SFT, reward model", lambda p: win("rm", p)),
         ("win rate vs SFT, gold", lambda p: win("gold", p)),
         ("KL to reference (SFT), nats/answer", lambda p: _pm(summary, f"kl_{p}_ref")),
+        ("exact per-token KL to reference, nats/answer", lambda p: _fmt(summary.get(f"kl_{p}_ref_exact"))),
         ("response length, tokens", lambda p: _fmt(summary.get(f"len_{p}"), 1)),
         ("EOS rate", lambda p: _fmt(summary.get(f"eos_rate_{p}"))),
     ]
@@ -240,11 +241,19 @@ def find_eval_uri(record: Any) -> str | None:
     return None
 
 
-def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: str | None = None) -> Path:
+def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: str | None = None,
+                     store=None) -> Path:
     """A local folder with the eval artifact's files for `target`: an eval artifact URI (s3://... or a local
-    store path), a local eval folder, a run record JSON file, or a run id (`runs/<id>.json` in the store)."""
+    store path), a local eval folder, a run record JSON file, or a run id (`runs/<id>.json` in the store).
+    `store` (an open ArtifactStore) is used for URIs under it and for run ids (its endpoint, its cache)."""
     from ..store import ArtifactStore, open_store_for_uri
 
+    if store is not None:
+        if target.rstrip("/").startswith(store.url + "/"):
+            kind, key = store.parse_uri(target)
+            if kind == "eval":
+                return store.get(kind, key)
+        store_url, endpoint_url = store_url or store.url, endpoint_url or store.endpoint_url
     p = Path(target).expanduser()
     if p.is_dir() and (p / "metrics.json").exists():
         return p
@@ -252,7 +261,7 @@ def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: st
         uri = find_eval_uri(_read_json(p, None))
         if not uri:
             raise UserError(f"{target}: no eval stage URI in this run record")
-        return resolve_eval_dir(uri, store_url, endpoint_url)
+        return resolve_eval_dir(uri, store_url, endpoint_url, store)
     if "://" in target:
         st, kind, key = open_store_for_uri(target, endpoint_url)
         if kind != "eval":
@@ -263,7 +272,8 @@ def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: st
         from ..config import load_config
 
         store_url = load_config(None).store.url
-    store = ArtifactStore(store_url, endpoint_url=endpoint_url)
+    if store is None or store.url != store_url:
+        store = ArtifactStore(store_url, endpoint_url=endpoint_url)
     run_id = target.removeprefix("runs/").removesuffix(".json")
     try:
         record = store.read_json(f"runs/{run_id}.json")
@@ -273,7 +283,7 @@ def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: st
     uri = find_eval_uri(record)
     if not uri:
         raise UserError(f"run {run_id}: its record names no eval artifact (did the run reach the eval stage?)")
-    return resolve_eval_dir(uri, store_url, endpoint_url)
+    return resolve_eval_dir(uri, store_url, endpoint_url, store)
 
 
 def cmd_report(args) -> int:
@@ -311,7 +321,7 @@ def embed_plots(markdown: str, folder: Path, image_url: Callable[[str], str] | N
 
 def publish_report(source: str | Path, *, markdown: Callable[..., Any], table: Callable[..., Any] | None = None,
                    key: str = "rlhf-eval", image_url: Callable[[str], str] | None = None,
-                   store_url: str | None = None) -> list[Any]:
+                   store=None) -> list[Any]:
     """Publish an evaluation report through caller-supplied functions with Prefect's artifact signatures:
     `markdown(markdown=str, key=str, description=str)` and `table(table=list[dict], key=str, description=str)`.
 
@@ -319,10 +329,11 @@ def publish_report(source: str | Path, *, markdown: Callable[..., Any], table: C
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
         publish_report(eval_uri, markdown=create_markdown_artifact, table=create_table_artifact,
                        key=f"{experiment}-eval")
-    `source` is an eval artifact URI, a local eval/report folder, a run record file or a run id. Publishes
+    `source` is an eval artifact URI, a local eval/report folder, a run record file or a run id (pass the open
+    ArtifactStore as `store` for S3 endpoints from the config and for run ids). Publishes
     `<key>-report` (the report with plots inlined, or linked through `image_url`), and with `table`,
     `<key>-summary` (comparison table) and `<key>-samples` (sample answers). Returns the callables' results."""
-    src = resolve_eval_dir(str(source), store_url)
+    src = resolve_eval_dir(str(source), store=store)
     report = src / "report.md"
     if not report.exists():
         from ..models import cache_root

@@ -24,6 +24,7 @@ import torch
 
 from .. import models
 from ..config import EvalConfig
+from ..data.artifact import load_phase
 from ..errors import DataError, StoreError
 from ..stages import commit_stage_output
 from . import generation, metrics
@@ -42,7 +43,8 @@ class PolicyResult:
     rm: list[float]
     gold: list[float | None]
     eos: list[bool]
-    kl: list[float] | None = None  # to the reference (None for the reference itself)
+    kl: list[float] | None = None  # to the reference, sampled-token (k1) estimate (None for the reference)
+    kl_exact: list[float] | None = None  # to the reference, exact per-token KL summed over the answer
 
     @property
     def lengths(self) -> list[int]:
@@ -96,18 +98,12 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _load_phase(data_dir: Path, phase: str, split: str):
-    from ..data.artifact import load_phase
-
-    return load_phase(data_dir, phase, split)
-
-
 def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None = None,
              log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
     """Run the comparison. Returns (flat summary of scalars, one sample record per prompt)."""
     device = device or pick_device()
     torch.manual_seed(ecfg.seed)
-    prompts = _load_phase(inputs.data_dir, "ppo", "eval")
+    prompts = load_phase(inputs.data_dir, "ppo", "eval")
     if len(prompts) == 0:
         raise DataError(f"{inputs.data_dir}: ppo/eval split is empty: no held-out prompts to evaluate")
     rows = prompts.select(select_rows(len(prompts), ecfg.num_prompts, ecfg.seed))
@@ -137,11 +133,12 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
         eos = [bool(r) and r[-1] == tok.eos_token_id for r in resp]
         rm_scores = _rm_scores(rm, rm_tok, tok, prompt_ids, prompt_texts, resp, texts, ecfg.batch_size, device)
         gold = _gold_scores(gold_names, raw_prompts, texts)
-        kl = None
+        kl = kl_exact = None
         if reference is not None:
-            kl = generation.kl_to_reference(model, reference, prompt_ids, resp, pad_id=tok.pad_token_id,
-                                            batch_size=ecfg.batch_size, device=device, temperature=kl_temperature)
-        results[name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl)
+            kl, kl_exact = generation.kl_to_reference(model, reference, prompt_ids, resp, pad_id=tok.pad_token_id,
+                                                      batch_size=ecfg.batch_size, device=device,
+                                                      temperature=kl_temperature)
+        results[name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl, kl_exact)
         log(f"eval: {name}: {len(resp)} answers, rm {metrics.mean_std(rm_scores)[0]:.4f}"
             + (f", kl {metrics.mean_std(kl)[0]:.4f}" if kl is not None else "") + f" ({time.time() - t0:.1f}s)")
         if name == "sft":
@@ -190,7 +187,8 @@ def _gold_scores(names: list[str | None], prompts: list[str], responses: list[st
 
 def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
     """Flat summary: per policy rm/gold mean+std, length, EOS rate, KL; each non-SFT policy's win rates vs SFT.
-    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, kl_<p>_ref, win_rate_rm[_<p>],
+    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, kl_<p>_ref (+_std; the k1 estimate
+    on the policy's own answers), kl_<p>_ref_exact (exact per-token KL summed over the answer), win_rate_rm[_<p>],
     win_rate_gold[_<p>] (the suffix is omitted for ppo). Values that cannot be computed are left out."""
     s: dict[str, float] = {}
     for name, r in results.items():
@@ -202,6 +200,8 @@ def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
         s[f"eos_rate_{name}"] = metrics.rate(r.eos)
         if r.kl is not None:
             s[f"kl_{name}_ref"], s[f"kl_{name}_ref_std"] = metrics.mean_std(r.kl)
+        if r.kl_exact is not None:
+            s[f"kl_{name}_ref_exact"] = metrics.mean_std(r.kl_exact)[0]
     base = results.get("sft")
     for name, r in results.items():
         if base is None or name == "sft":
@@ -218,7 +218,7 @@ def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
 def _rm_accuracy(data_dir: Path, rm, rm_tok, ecfg: EvalConfig, device) -> dict[str, float]:
     """Pairwise accuracy of the reward model on held-out reward/eval pairs (prompt+chosen vs prompt+rejected)."""
     try:
-        pairs = _load_phase(data_dir, "reward", "eval")
+        pairs = load_phase(data_dir, "reward", "eval")
     except (FileNotFoundError, DataError, StoreError):  # no reward/eval split in this data artifact
         return {}
     if len(pairs) == 0:
@@ -249,6 +249,8 @@ def sample_records(rows, results: dict[str, PolicyResult]) -> list[dict]:
                          "eos": r.eos[i]}
             if r.kl is not None:
                 rec[name]["kl"] = r.kl[i]
+            if r.kl_exact is not None:
+                rec[name]["kl_exact"] = r.kl_exact[i]
         out.append(rec)
     return out
 
