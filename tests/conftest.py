@@ -8,6 +8,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
 _SESSION_TMP = Path(os.environ.get("RLHF_TEST_TMP", "/tmp")) / f"rlhf-tests-{os.getpid()}"
@@ -16,6 +19,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Tiny models run fastest single-threaded on this 2-core box (and subprocess ranks do not oversubscribe the cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect-results")
