@@ -1,4 +1,5 @@
 """One typed config per stage. Stage code reads only its own section (plus `models`)."""
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -15,26 +16,54 @@ class SourceConfig(Section):
         "(e.g. Dahoas/rm-static), or `demo` for the dataset shipped with the package."
     )
     name: str | None = Field(None, description="Short name used in messages and metrics (default: derived from path).")
-    weight: float = Field(1.0, gt=0, description="Relative share of this source in the blend.")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Relative share of this source in the blend. Unset on every source: all rows of every source "
+        "are used (DS-Chat's plain concatenation). Set on every non-sft_only source: each source's share of the "
+        "blend is weight/sum(weights), taken by subsampling without repetition, sized by the source that runs out "
+        "first.",
+    )
     schema_: str | None = Field(
         None,
         alias="schema",
         description="Known schema name (rm-static, full-hh-rlhf, synthetic-instruct-gptj-pairwise, "
-        "rlhf-reward-datasets, webgpt_comparisons, shp, prompt_chosen_rejected, prompt_response); "
-        "default: inferred from the hub name or the columns.",
+        "rlhf-reward-datasets, webgpt_comparisons, shp, local/jsonfile, prompt_chosen_rejected, prompt_response, "
+        "prompt_chosen); default: inferred from the hub name or the columns.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Column mapping for other schemas: keys prompt, chosen, rejected, response_a, response_b, "
-        "score_a, score_b, label, response.",
+        description="Column mapping for other schemas: keys prompt, chosen, rejected (a pair); or response_a, "
+        "response_b plus score_a and score_b (higher wins) or label (index of the preferred response: 0/a or 1/b); "
+        "or response (SFT-only). Values are column names; dots reach into nested columns (question.full_text).",
     )
     revision: str | None = Field(None, description="Hub revision (commit/tag) for hub datasets.")
     split: str = Field("train", description="Split to read from the source.")
-    eval_split: str | None = Field(None, description="Split used for evaluation (default: carved out of `split`).")
+    eval_split: str | None = Field(
+        None,
+        description="Split used for evaluation (default: a folder's eval/validation/test files, e.g. local/jsonfile's "
+        "eval.json; else `data.eval_fraction` of `split` is carved out).",
+    )
     sft_only: bool = Field(False, description="Use this source only for SFT (DS-Chat's sft_only_data_path).")
-    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (quick runs).")
+    gold: str | None = Field(
+        None,
+        description="Gold scorer for this source's rows (e.g. `demo`; `none` for no gold score); default: the "
+        "rows' own `gold` column when they have one.",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Read at most this many rows from each split of the source (quick runs)."
+    )
 
     model_config = Section.model_config | {"populate_by_name": True}
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_local_path(cls, v: str) -> str:
+        """An existing local path becomes absolute, so stage jobs (run in their own folder) read the same file."""
+        if v == "demo" or "://" in v:
+            return v
+        p = Path(v).expanduser()
+        return str(p.resolve()) if p.exists() else v
 
 
 class DataConfig(Section):
@@ -45,7 +74,9 @@ class DataConfig(Section):
     )
     data_split: str = Field("2,4,4", description="Relative sizes of the SFT / reward / PPO phases (DS-Chat).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each source kept for evaluation.")
-    max_prompt_len: int = Field(64, ge=1, description="Prompts longer than this many tokens are bad rows.")
+    max_prompt_len: int = Field(
+        64, ge=1, description="Prompts longer than this many tokens (after formatting) are bad rows."
+    )
     max_response_len: int = Field(64, ge=1, description="Responses are truncated to this many tokens (EOS kept).")
     on_bad_row: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop at the first bad row with source:row:field; skip: drop and count them."
