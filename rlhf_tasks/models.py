@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-TINY_BUILDER_VERSION = 1
+TINY_BUILDER_VERSION = 2
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -93,7 +93,9 @@ def _tiny_corpus() -> list[str]:
 
 
 def tiny_identity(arch: str, shape) -> dict:
-    return {"tiny": arch, "shape": shape.model_dump(), "builder": TINY_BUILDER_VERSION}
+    """A tiny model is determined by its architecture, shape, builder version and tokenizer corpus."""
+    corpus = hashlib.sha256("\n".join(_tiny_corpus()).encode()).hexdigest()[:16]
+    return {"tiny": arch, "shape": shape.model_dump(), "builder": TINY_BUILDER_VERSION, "corpus": corpus}
 
 
 def ensure_tiny_model(arch: str, shape) -> Path:

@@ -5,6 +5,7 @@ output artifact (rank 0). Nothing here imports Prefect: a job talks to the rest 
 """
 import sys
 
+from .errors import UserError
 from .stages import STAGE_DEFS, StageSpec
 
 
@@ -18,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     spec = StageSpec.from_file(args.spec)
     module = importlib.import_module(STAGE_DEFS[spec.stage].module)
-    module.run(spec)
+    try:
+        module.run(spec)
+    except UserError as e:  # bad input found inside the job: one line, exit 2, like the CLI
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return UserError.exit_code
     return 0
 
 
