@@ -63,7 +63,11 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
     reward_ref = m.reward or m.actor
     if stage == "data":
         tok = model_identity(m.tokenizer or m.actor, m.tiny, m.revision)
-        return {"data": cfg.data.model_dump(mode="json", by_alias=True), "tokenizer": tok}
+        data = cfg.data.model_dump(mode="json", by_alias=True)
+        for src in data["sources"]:  # local files enter the key by content (fingerprints), not by where they lie
+            if Path(src["path"]).is_absolute():
+                src["path"] = Path(src["path"]).name
+        return {"data": data, "tokenizer": tok}
     if stage == "sft":
         return {"sft": cfg.sft.model_dump(mode="json"), "actor": actor, "num_procs": cfg.execution.num_procs}
     if stage == "reward":
