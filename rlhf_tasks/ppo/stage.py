@@ -1,0 +1,166 @@
+"""Step 3 as a stage job: PPO with the hybrid engine, resumable. Job entry: `run(spec)` (world size 1..N).
+
+Inputs (spec.inputs): `data` (prompts: the ppo/train split), `sft` (actor + reference), `reward` (reward model and,
+by default, the critic's initial weights). Output artifact:
+    actor/         HF causal-LM folder of the trained policy (+ tokenizer)
+    ema/           the EMA of the actor, when ppo.ema_decay is set
+    metrics.json   {"summary": {...flat...}, "history": [{"step": n, ...every PPO metric...}, ...]}
+Checkpoints (every ppo.checkpoint_every steps) hold the actor and critic engines (weights, optimizers, schedulers),
+the EMA, the KL controller, the prompt-loader position (the step: batches are a pure function of seed and step) and
+the RNG states of every rank, so a killed job resumed from its latest checkpoint continues the same run.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from ..models import load_tokenizer
+from ..training import core
+from .engine import RLHFEngine
+from .trainer import PPOTrainer
+
+SUMMARY_KEYS = ("reward/score_mean", "gold/mean", "kl/ref", "entropy", "response/length", "response/eos_rate",
+                "value/explained_variance", "policy/clipfrac", "policy/approx_kl", "kl/coef")
+
+
+class PromptSchedule:
+    """Deterministic prompt batches: experience step s (1-based) of rank r takes `generation_batches` batches of
+    `prompt_batch_size` rows from the seeded permutation of its epoch. The loader position is the step itself."""
+
+    def __init__(self, n: int, batch: int, gen_batches: int, world: int, rank: int, seed: int):
+        self.n, self.batch, self.gen_batches, self.world, self.rank, self.seed = n, batch, gen_batches, world, rank, seed
+        self.steps_per_epoch = n // (batch * gen_batches * world)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"ppo/train: {n} prompts, but one PPO step needs {batch * gen_batches * world} "
+                            f"(prompt_batch_size x generation_batches x processes)")
+
+    def rows(self, step: int) -> list[list[int]]:
+        epoch, pos = divmod(step - 1, self.steps_per_epoch)
+        perm = core.epoch_permutation(self.n, self.seed, epoch)
+        return [core.micro_batch_indices(perm, pos, g, self.batch, self.gen_batches, self.world, self.rank)
+                for g in range(self.gen_batches)]
+
+
+def load_prompts(data_dir: Path, split: str = "train") -> dict[str, list]:
+    """The ppo phase's prompts: prompt_ids, prompt, gold, chosen_ids (ptx targets; may be null)."""
+    from ..data.artifact import load_phase
+
+    ds = load_phase(data_dir, "ppo", split)
+    cols = ds.select_columns(["prompt", "prompt_ids", "gold", "chosen_ids"]).to_dict()
+    if not cols["prompt_ids"]:
+        raise DataError(f"{data_dir}: ppo/{split} has no prompts")
+    return cols
+
+
+def check_same_vocab(actor_tok, reward_dir: str) -> None:
+    """The reward model scores the actor's token ids, so both must share one tokenizer."""
+    rtok = load_tokenizer(reward_dir)
+    probe = " Human: Describe the cat. Assistant: the cat is warm"
+    if len(rtok) != len(actor_tok) or rtok(probe)["input_ids"] != actor_tok(probe)["input_ids"]:
+        raise ConfigError("ppo: the reward model's tokenizer differs from the actor's; PPO scores the actor's tokens "
+                          "with the reward model, so both must share one vocabulary (models.reward)")
+
+
+def make_batch(cols: dict[str, list], rows: list[int], with_ptx: bool) -> dict[str, list]:
+    batch = {"prompt_ids": [cols["prompt_ids"][i] for i in rows], "prompt": [cols["prompt"][i] for i in rows],
+             "gold": [cols["gold"][i] for i in rows]}
+    if with_ptx:
+        batch["chosen_ids"] = [cols["chosen_ids"][i] for i in rows]
+    return batch
+
+
+def summarize(history: list[dict], total: int, start_step: int, world: int, wall_s: float) -> dict[str, Any]:
+    """Flat summary: first-step and final values (mean of the last quarter of steps) of the main metrics."""
+    rows = [r for r in history if "reward/score_mean" in r]
+    out: dict[str, Any] = {"steps": total, "resumed_from_step": start_step, "world_size": world,
+                           "wall_s": round(wall_s, 3)}
+    if not rows:
+        return out
+    tail = rows[-max(1, len(rows) // 4):]
+    for k in SUMMARY_KEYS:
+        name = k.replace("/", "_")
+        if k in rows[0]:
+            out[f"{name}_first"] = rows[0][k]
+        vals = [r[k] for r in tail if k in r]
+        if vals:
+            out[f"{name}_final"] = sum(vals) / len(vals)
+    for k in ("time/step_s", "time/generation_s", "time/train_s", "gen/tokens_per_s", "samples_per_s"):
+        vals = sorted(r[k] for r in rows if k in r)
+        if vals:
+            out[f"{k.replace('/', '_')}_median"] = vals[len(vals) // 2]
+    return out
+
+
+def run(spec) -> dict:
+    ctx = core.stage_setup(spec)
+    try:
+        return train_ppo(spec, ctx)
+    finally:
+        core.destroy_distributed()
+
+
+def train_ppo(spec, ctx) -> dict:
+    t_start = time.time()
+    cfg = ctx.cfg.ppo
+    rank, world, store = ctx.rank, ctx.world, ctx.store
+    sft_dir = str(core.local_first(lambda: store.get_uri(spec.inputs["sft"])))
+    reward_dir = str(core.local_first(lambda: store.get_uri(spec.inputs["reward"])))
+    tokenizer = load_tokenizer(sft_dir, padding_side="left")
+    check_same_vocab(tokenizer, reward_dir)
+    cols = load_prompts(ctx.data_dir)
+    sched = PromptSchedule(len(cols["prompt_ids"]), cfg.prompt_batch_size, cfg.generation_batches, world, rank,
+                           cfg.seed)
+    total = cfg.total_steps or sched.steps_per_epoch * cfg.epochs
+    with_ptx = cfg.ptx_coef > 0
+
+    engine = RLHFEngine(sft_dir, reward_dir, tokenizer=tokenizer, config=cfg, total_steps=total, world_size=world)
+    trainer = PPOTrainer(engine, cfg)
+
+    run_dir = Path(spec.run_dir or ".")
+    out_dir = run_dir / "output"
+    if rank == 0:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+    core.barrier()
+    ckpt = core.CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
+                                  keep=cfg.actor.keep_checkpoints)
+    logger = core.MetricsLogger(out_dir, rank, prefix="ppo", total_steps=total)
+    start_step, elapsed_before = 0, 0.0
+    found = ckpt.latest()
+    if found:
+        state = ckpt.load(found[1], engine.trainable_engines())
+        trainer.load_state_dict(state["trainer"])
+        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        logger.restore(state["history"])
+        if rank == 0:
+            print(f"[ppo] resumed from checkpoint step {start_step} of {total}", flush=True)
+    else:
+        core.seed_everything(cfg.seed + 7919 * rank)  # per-rank sampling streams, restored on resume
+
+    for step in range(start_step + 1, total + 1):
+        batches = [make_batch(cols, rows, with_ptx) for rows in sched.rows(step)]
+        stats = trainer.step(batches)
+        stats["epoch"] = (step - 1) // sched.steps_per_epoch
+        logger.log(step, stats, echo=step % cfg.actor.log_every == 0 or step == total)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
+            ckpt.save(step, engine.trainable_engines(),
+                      {"trainer": trainer.state_dict(), "history": logger.history, "position": step,
+                       "elapsed_s": elapsed_before + time.time() - t_start})
+
+    engine.save_actor(out_dir / "actor")
+    if engine.ema is not None:
+        engine.ema.save_hf(tokenizer, out_dir / "ema")
+    summary = summarize(logger.history, total, start_step, world, elapsed_before + time.time() - t_start)
+    summary["peak_mem_mb"] = round(core.peak_memory_mb(), 1)
+    logger.write(out_dir / "metrics.json", summary)
+    logger.close()
+    if rank == 0:
+        from ..stages import commit_stage_output
+
+        uri = commit_stage_output(spec, out_dir, summary)
+        print(f"[ppo] committed {uri}", flush=True)
+    core.barrier()
+    return summary

@@ -1,0 +1,82 @@
+"""The PPO stage job: artifact layout (actor/, ema/, metrics.json with per-step history), and a run SIGKILLed
+after a checkpoint that resumes and finishes with the same number of steps and the same metrics as an
+uninterrupted run (actor, critic, optimizers, schedulers, EMA, KL controller, prompt position, RNG)."""
+import json
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from _training_helpers import launch_and_kill, make_data_artifact, tiny_cfg
+from rlhf_tasks.config import ExecutionConfig
+from rlhf_tasks.launch import run_stage
+from rlhf_tasks.models import load_score_model, resolve_model
+from rlhf_tasks.stages import StageSpec
+
+pytestmark = pytest.mark.slow
+TIMING = ("time/", "gen/", "samples_per_s")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from rlhf_tasks.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("ppo-store")
+    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def inputs(store):
+    """data (demo), sft (the tiny actor as is) and reward (the tiny model with a fresh value head) artifacts."""
+    cfg = tiny_cfg()
+    data = make_data_artifact(store, cfg, n_rows=300)
+    actor = resolve_model(cfg.models.actor, cfg.models.tiny)
+    sft = store.put_dir(actor, "sft", "test-ppo-sft")
+    tmp = Path(tempfile.mkdtemp(prefix="rm-"))
+    load_score_model(actor).save_pretrained(tmp)
+    from rlhf_tasks.models import load_tokenizer
+
+    load_tokenizer(actor).save_pretrained(tmp)
+    return {"data": data, "sft": sft, "reward": store.put_dir(tmp, "reward", "test-ppo-rm")}
+
+
+def _cfg(steps=6):
+    return tiny_cfg([f"ppo.total_steps={steps}", "ppo.checkpoint_every=2", "ppo.prompt_batch_size=8",
+                     "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8", "ppo.ema_decay=0.9",
+                     "ppo.adaptive_kl=true", "ppo.kl_target=0.05", "ppo.kl_horizon=100"])
+
+
+def _spec(cfg, store, inputs, run_dir: Path) -> StageSpec:
+    key = uuid.uuid4().hex[:24]
+    return StageSpec(stage="ppo", key=key, config=cfg.model_dump(mode="json", by_alias=True), inputs=inputs,
+                     output_uri=store.uri("ppo", key), store=store.settings(), run_dir=str(run_dir))
+
+
+def _metrics(store, uri):
+    return json.loads((store.get_uri(uri) / "metrics.json").read_text())
+
+
+def test_ppo_stage_kill_and_resume(store, inputs, tmp_path):
+    execution = ExecutionConfig(device="cpu", timeout_s=600)
+    cfg = _cfg()
+    full_spec = _spec(cfg, store, inputs, tmp_path / "full")
+    full = _metrics(store, run_stage(full_spec, execution, log=lambda line: None))
+    art = store.get_uri(full_spec.output_uri)
+    assert (art / "actor" / "config.json").exists() and (art / "ema" / "config.json").exists()
+    assert full["summary"]["steps"] == 6 and full["summary"]["resumed_from_step"] == 0
+
+    spec = _spec(cfg, store, inputs, tmp_path / "crash")
+    launch_and_kill(spec, execution, kill_after_step=3)
+    assert not store.exists("ppo", spec.key)
+    run_stage(spec, execution, log=lambda line: None)
+    resumed = _metrics(store, spec.output_uri)
+    assert resumed["summary"]["resumed_from_step"] == 2
+    assert resumed["summary"]["steps"] == 6
+    a = {r["step"]: r for r in full["history"]}
+    b = {r["step"]: r for r in resumed["history"]}
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        for k, v in a[s].items():
+            if not k.startswith(TIMING):
+                assert b[s][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), f"step {s} {k}"
