@@ -83,8 +83,8 @@ def test_reward_zero0_learns_preferences(store, data_uri, tmp_path, monkeypatch)
     assert score_head(model) is not None and model.config.num_labels == 1
 
 
-def test_reward_zero3_lora_single_process(store, data_uri, tmp_path, monkeypatch):
-    cfg = _cfg("reward", ["reward.max_steps=10", "reward.zero_stage=3", "reward.lora.r=4",
+def test_reward_zero3_lora_bf16_single_process(store, data_uri, tmp_path, monkeypatch):
+    cfg = _cfg("reward", ["reward.max_steps=10", "reward.zero_stage=3", "reward.lora.r=4", "reward.precision=bf16",
                           "reward.optim.lr=5e-3"])
     summary, uri = _run("reward", cfg, store, data_uri, tmp_path, monkeypatch)
     assert summary["eval_loss"] < summary["eval_loss_before"]
@@ -169,3 +169,72 @@ def test_checkpoint_load_refuses_pickled_code(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
     assert torch.load is not None and torch.load(f, weights_only=False)  # restored afterwards
     assert (tmp_path / "pwned").exists()
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    from rlhf_tasks.launch import free_port
+    from rlhf_tasks.training import core
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    core.init_distributed()
+    yield
+    core.destroy_distributed()
+
+
+def test_checkpoint_manager_roundtrip_prune_and_fallback(any_store, single_process_group, tmp_path):
+    """Save three checkpoints (keep 2), corrupt the newest: latest() falls back to the previous one, and load
+    restores its weights, optimizer step count and RNG stream. Runs on a local folder and on S3 (moto)."""
+    from rlhf_tasks import models
+    from rlhf_tasks.config import TinyModelConfig, TrainingConfig
+    from rlhf_tasks.training import core
+
+    path = models.ensure_tiny_model("llama", TinyModelConfig())
+    tcfg = TrainingConfig(zero_stage=2, micro_batch_size=2)
+
+    def engine():
+        core.seed_everything(0)
+        return core.build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=10)
+
+    eng = engine()
+    ids = torch.randint(5, 100, (2, 8))
+    cm = core.CheckpointManager(any_store, "sft", "k" * 24, staging_dir=tmp_path / "staging", keep=2)
+    snap = {}
+    for step in (1, 2, 3):
+        loss = eng(input_ids=ids, labels=ids).loss
+        eng.backward(loss)
+        eng.step()
+        cm.save(step, {"model": eng}, {"history": [{"step": step}]})
+        snap[step] = ({k: v.clone() for k, v in eng.module.state_dict().items()}, torch.rand(3))
+    assert cm.steps() == [3, 2]
+    newest = f"{any_store.root}/ckpt-sft/{cm.tag(3)}/state.json"
+    text = any_store.fs.cat_file(newest)
+    any_store.fs.pipe_file(newest, text.replace(b'"step": 3', b'"step": 9'))  # same size, wrong sha256
+    step, folder = cm.latest()
+    assert step == 2
+    fresh = engine()
+    state = cm.load(folder, {"model": fresh})
+    assert state["step"] == 2 and state["history"] == [{"step": 2}] and state["world_size"] == 1
+    for k, v in fresh.module.state_dict().items():
+        assert torch.equal(v, snap[2][0][k]), k
+    assert torch.equal(torch.rand(3), snap[2][1])  # the RNG continues exactly where step 2 left it
+    assert fresh.global_steps == 2 and fresh.lr_scheduler.last_epoch == 2
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_frozen_engine_for_reference_models(zero, single_process_group):
+    """trainable=False: no optimizer, frozen, eval mode; forwards work at ZeRO-0 and ZeRO-3 (PPO's ref/reward)."""
+    from rlhf_tasks import models
+    from rlhf_tasks.config import TinyModelConfig, TrainingConfig
+    from rlhf_tasks.training import core
+
+    path = models.ensure_tiny_model("llama", TinyModelConfig())
+    eng = core.build_engine(models.load_score_model(str(path)), TrainingConfig(zero_stage=zero), trainable=False)
+    assert getattr(eng, "basic_optimizer", None) is None and eng.lr_scheduler is None and not eng.module.training
+    assert not any(p.requires_grad for p in eng.module.parameters())
+    ids = torch.randint(5, 100, (2, 6))
+    with torch.no_grad():
+        scores = models.sequence_scores(core.unwrap(eng), ids, torch.ones_like(ids))
+    assert scores.shape == (2,)

@@ -5,7 +5,8 @@ import uuid
 
 import pytest
 
-from _training_helpers import launch_and_kill, make_data_artifact, make_spec, metrics, step_losses, tiny_cfg
+from _training_helpers import (launch_and_kill, make_data_artifact, make_spec, metrics, run_in_process, step_losses,
+                               tiny_cfg)
 from rlhf_tasks.config import ExecutionConfig
 from rlhf_tasks.launch import run_stage
 
@@ -36,9 +37,14 @@ def _run(stage, cfg, store, data_uri, tmp_path, execution, name):
     return spec, metrics(store, uri)
 
 
-def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, kill_after=3, extra=()):
+def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, kill_after=3, extra=(),
+                         full_run=None):
+    """`full_run(cfg) -> metrics` runs the uninterrupted reference (default: launched like the crash run)."""
     cfg = _cfg(stage, steps, extra)
-    _, full = _run(stage, cfg, store, data_uri, tmp_path, execution, "full")
+    if full_run is None:
+        _, full = _run(stage, cfg, store, data_uri, tmp_path, execution, "full")
+    else:
+        full = full_run(cfg)
 
     key = uuid.uuid4().hex[:24]
     spec = make_spec(stage, cfg, store, data_uri, tmp_path / "crash", key)
@@ -60,8 +66,15 @@ def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, k
     return full, resumed
 
 
-def test_sft_kill_and_resume_single_process(store, data_uri, tmp_path):
-    kill_resume_equality("sft", store, data_uri, tmp_path, ExecutionConfig(device="cpu", timeout_s=300))
+def test_sft_kill_and_resume_single_process(store, data_uri, tmp_path, monkeypatch):
+    def in_process(cfg):  # the reference run without a launch (saves a job start)
+        key = uuid.uuid4().hex[:24]
+        spec = make_spec("sft", cfg, store, data_uri, tmp_path / "full", key)
+        run_in_process(spec, monkeypatch)
+        return metrics(store, spec.output_uri)
+
+    kill_resume_equality("sft", store, data_uri, tmp_path, ExecutionConfig(device="cpu", timeout_s=300),
+                         full_run=in_process)
 
 
 @pytest.mark.slow

@@ -285,6 +285,8 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
     from transformers import get_scheduler
 
     world_size = world_size or rank_world()[1]
+    if tcfg.precision == "fp16" and device().type == "cpu":
+        raise ConfigError("precision: fp16 is not supported on CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
     cfg = deepspeed_config(tcfg, world_size, trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -468,6 +470,8 @@ class CheckpointManager:
             (folder / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world}, indent=1))
         barrier()
         if rank == 0:
+            if self.store.read_manifest(self.kind, self.tag(step)) is not None:  # stale (e.g. failed to verify)
+                self.store.delete(self.kind, self.tag(step))
             uri = self.store.put_dir(folder, self.kind, self.tag(step), metrics={"step": step})
             shutil.rmtree(folder, ignore_errors=True)
             for old in self.steps()[self.keep:]:
@@ -480,8 +484,9 @@ class CheckpointManager:
         from ..errors import StoreError
 
         for step in self.steps():
-            try:
-                self.store.verify(self.kind, self.tag(step), deep=True)
+            try:  # a remote get() re-hashes every file while downloading; a local folder is hashed here
+                if self.store.is_local:
+                    self.store.verify(self.kind, self.tag(step), deep=True)
                 return step, self.store.get(self.kind, self.tag(step))
             except (StoreError, OSError) as e:
                 print(f"[{self.stage}] skipping checkpoint step {step}: {e}", flush=True)
