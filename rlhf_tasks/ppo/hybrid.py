@@ -114,10 +114,50 @@ class PortableHybridEngine(HybridEngine):
                 # merges below are discarded with the gathered copies.
                 stack.enter_context(GatheredParameters(list(module.parameters()), modifier_rank=None))
                 self.last_gather_s = time.perf_counter() - t0
+                # the weights are all here now: ZeRO-3's per-module fetch/release hooks would only add overhead
+                # to every layer of every generated token
+                stack.enter_context(zero3_hooks_suspended(self.engine))
             loras = _lora_layers(module)
             if loras:
                 stack.enter_context(_merged_lora(loras, restore_exact=not zero3))
             yield module
+
+
+def _zero3_offload(engine):
+    """DeepSpeed's ZeRO-3 parameter manager of an engine (trainable: inside the optimizer; frozen: the optimizer)."""
+    opt = getattr(engine, "optimizer", None)
+    return getattr(opt, "parameter_offload", opt if hasattr(opt, "forward_hooks") else None)
+
+
+@contextlib.contextmanager
+def zero3_hooks_suspended(engine):
+    """Take ZeRO-3's module hooks out for the duration (only valid while the parameters are gathered and no
+    gradients are taken); they are put back exactly, in their original order, on exit."""
+    offload = _zero3_offload(engine) if _is_ds_engine(engine) else None
+    handles = list(getattr(offload, "forward_hooks", [])) + list(getattr(offload, "backward_hooks", []))
+    if getattr(offload, "fwd_pre_hook", None) is not None:
+        handles.append(offload.fwd_pre_hook)
+    saved: dict[int, tuple[dict, dict]] = {}
+    # ZeRO-3 also swaps every module's parameter dict for one whose getter checks/fetches on each access
+    swapped = [(m, m._parameters) for m in unwrap(engine).modules()
+               if type(m._parameters).__name__ == "ZeROOrderedDict"] if offload is not None else []
+    for m, d in swapped:
+        m._parameters = dict(d.items())
+    for h in handles:
+        d = h.hooks_dict_ref()
+        if d is None:
+            continue
+        if id(d) not in saved:
+            saved[id(d)] = (d, dict(d))
+        d.pop(h.id, None)
+    try:
+        yield
+    finally:
+        for d, snapshot in saved.values():
+            d.clear()
+            d.update(snapshot)
+        for m, d in swapped:
+            m._parameters = d
 
 
 @contextlib.contextmanager
