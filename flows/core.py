@@ -32,6 +32,19 @@ def validate_inputs(cfg: PipelineConfig) -> None:
                 return
 
 
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """`tree["a"]["b"] = value` for `a.b` (creating sections), as `rlhf run --set a.b=value` does."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            from rlhf_tasks.errors import ConfigError
+
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[leaf] = value
+
+
 def config_hash(cfg: PipelineConfig) -> str:
     """Short hash of everything that shapes the results (not placement, timeouts or the store)."""
     dump = cfg.model_dump(mode="json", by_alias=True)

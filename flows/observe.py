@@ -74,7 +74,8 @@ class StageLog:
         final = step >= total
         if final or now - self._last_echo >= self.min_interval_s:
             self._last_echo = now
-            console(f"  [{self.stage}] {line.strip()}")
+            text = line.strip()
+            console(f"  {text}" if text.startswith(f"[{self.stage}]") else f"  [{self.stage}] {text}")
         if final or now - self._last_update >= self.min_interval_s:
             self._last_update = now
             self._publish_progress(100.0 * min(step, total) / total, f"{self.stage}: step {step}/{total}")

@@ -10,6 +10,8 @@ Caching (see docs in flows/README.md):
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -20,7 +22,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
 
-from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config
+from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config, parse_override
 from rlhf_tasks.errors import StageFailed
 from rlhf_tasks.stages import StagePlan, StageSpec, plan
 from rlhf_tasks.store import ArtifactStore
@@ -73,17 +75,22 @@ def _retry_delays(execution: ExecutionConfig) -> list[float]:
     return [execution.retry_delay_s * 2**i for i in range(execution.retries)]
 
 
-def _config_param(value: Any) -> PipelineConfig:
-    if isinstance(value, PipelineConfig):
+def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineConfig:
+    """The flow's `config` parameter (model, dict or None = the default preset) with `--set`-style overrides."""
+    if isinstance(value, PipelineConfig) and not overrides:
         return value
     if value is None:
-        return load_config(None)
-    return config_from_dict(dict(value), origin="parameters.config")
+        value = load_config(None)
+    tree = value.model_dump(mode="json", by_alias=True) if isinstance(value, PipelineConfig) else dict(value)
+    for item in overrides or []:
+        core.set_dotted(tree, *parse_override(item))
+    return config_from_dict(tree, origin="parameters.config")
 
 
 def _flow_run_name() -> str:
     try:
-        cfg = _config_param(current_flow_run.parameters.get("config"))
+        params = current_flow_run.parameters
+        cfg = _config_param(params.get("config"), params.get("overrides"))
     except Exception:
         return f"rlhf-{uuid.uuid4().hex[:6]}"
     return core.run_name(cfg)
@@ -111,17 +118,22 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_s
 
 
 @flow(name="rlhf-pipeline", flow_run_name=_flow_run_name, log_prints=False)
-def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName = "eval") -> dict:
+def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName = "eval",
+                  overrides: Optional[list[str]] = None) -> dict:
     """DeepSpeed-Chat's recipe as cached stages: data blend, SFT, reward model, PPO, evaluation.
 
-    Stages whose artifact already exists in the store (same config slice, inputs and code) are reused."""
+    Stages whose artifact already exists in the store (same config slice, inputs and code) are reused.
+    `config` defaults to the tiny preset; `overrides` are `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"]."""
     logger = get_run_logger()
-    cfg = _config_param(config)
+    cfg = _config_param(config, overrides)
     store = ArtifactStore.from_config(cfg.store)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = current_flow_run.name or core.run_name(cfg)
-    core.validate_inputs(cfg)
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # the validator's notes go to the run log only
+        core.validate_inputs(cfg)
+    for line in out.getvalue().splitlines():
+        logger.info(line)
     plans = plan(cfg, store, until)
     for p in plans:
         logger.info(f"plan {p.stage}: {'cached' if p.cached else 'will run'} - {p.reason} ({p.key})")

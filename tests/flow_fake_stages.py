@@ -2,7 +2,8 @@
 process and, through a generated sitecustomize, in the job subprocesses). Each writes a small artifact in a
 fraction of a second, prints progress lines like the training core, and can be told to crash or fail:
 
-- FAKE_EVENTS=<file>: append `<stage> <start step>` per launch (which stages ran, and where they resumed);
+- FAKE_EVENTS=<file>: append `<stage> <start step> <flow run id>` per launch (which stages ran, where they
+  resumed, in which Prefect flow run);
 - FAKE_CRASH_STAGE=<stage>: commit a checkpoint at step 2, then SIGKILL itself (once: a resumed run finishes);
 - FAKE_FAIL_STAGE=<stage>: exit with code 3.
 """
@@ -33,7 +34,7 @@ def run(spec: StageSpec) -> None:
     start = _latest_checkpoint(store, spec.stage, spec.key)
     if os.environ.get("FAKE_EVENTS"):
         with open(os.environ["FAKE_EVENTS"], "a") as f:
-            f.write(f"{spec.stage} {start}\n")
+            f.write(f"{spec.stage} {start} {os.environ.get('PREFECT__FLOW_RUN_ID', '-')}\n")
     if os.environ.get("FAKE_FAIL_STAGE") == spec.stage:
         print("fake failure: something broke", flush=True)
         sys.exit(3)
