@@ -238,3 +238,46 @@ def test_frozen_engine_for_reference_models(zero, single_process_group):
     with torch.no_grad():
         scores = models.sequence_scores(core.unwrap(eng), ids, torch.ones_like(ids))
     assert scores.shape == (2,)
+
+
+def test_reward_encoder_backbone_with_its_own_tokenizer(store, data_uri, tmp_path, monkeypatch):
+    """A BERT-like classifier as the reward model, with a vocabulary unlike the data's: texts are re-tokenized
+    with the reward model's tokenizer and the encoder's pooled head gives the score."""
+    from transformers import BertConfig, BertModel
+
+    from rlhf_tasks.data.demo import tokenizer_corpus
+    from rlhf_tasks.models import train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(), vocab_size=300)
+    enc = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, pad_token_id=tok.pad_token_id))
+    folder = tmp_path / "tiny-bert"
+    enc.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = _cfg("reward", ["reward.max_steps=30", "reward.epochs=5", f"models.reward={folder}"])
+    summary, uri = _run("reward", cfg, store, data_uri, tmp_path, monkeypatch)
+    assert summary["eval_loss"] < summary["eval_loss_before"] and summary["eval_accuracy"] > 0.6
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(store.get_uri(uri)).config.model_type == "bert"
+
+
+@pytest.mark.slow
+def test_deepspeed_adam_optional(single_process_group):
+    """optim.optimizer=deepspeed_adam: DeepSpeed builds its own Adam (JIT-compiled once, ~50-130 s on 2 cores)."""
+    from rlhf_tasks import models
+    from rlhf_tasks.config import TinyModelConfig, TrainingConfig
+    from rlhf_tasks.training import core
+
+    path = models.ensure_tiny_model("llama", TinyModelConfig())
+    tcfg = TrainingConfig(zero_stage=2, micro_batch_size=2, optim={"optimizer": "deepspeed_adam", "lr": 1e-2})
+    eng = core.build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=5)
+    assert not isinstance(eng.basic_optimizer, torch.optim.AdamW)
+    ids = torch.randint(5, 100, (2, 8))
+    losses = []
+    for _ in range(5):
+        loss = eng(input_ids=ids, labels=ids).loss
+        eng.backward(loss)
+        eng.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

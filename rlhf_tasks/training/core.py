@@ -502,7 +502,8 @@ class CheckpointManager:
         step = broadcast_object(found[0] if found else None)
         if step is None:
             return None
-        return step, (found[1] if rank == 0 else self.store.get(self.kind, self.tag(step)))
+        # rank 0 holds it already; the first rank of every other node downloads it, then its neighbours reuse it
+        return step, Path(local_first(lambda: self.store.get(self.kind, self.tag(step))))
 
     def load(self, local_dir: str | Path, engines: dict[str, Any]) -> dict:
         """Restore every engine (module, optimizer, scheduler) and this rank's RNG states; return the state dict.
@@ -771,6 +772,8 @@ def train_stage(spec, task: StageTask) -> dict:
 
         uri = commit_stage_output(spec, out_dir, summary)
         print(f"[{task.name}] committed {uri}", flush=True)
+        for old in ckpt.steps():  # the artifact exists: its checkpoints are garbage now
+            store.delete(ckpt.kind, ckpt.tag(old))
     barrier()
     return summary
 
