@@ -5,71 +5,31 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from rlhf_tasks.config import load_config
 from rlhf_tasks.stages import StageSpec
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def tiny_cfg(overrides: list[str] = ()):
     return load_config(None, list(overrides))
 
 
-def make_data_artifact(store, cfg, n_rows: int = 600, seed: int = 0) -> str:
-    """A `data` artifact from the demo task (documented parquet layout), tokenized with the actor's tokenizer.
-    Uses the real data stage when it exists."""
+def make_data_artifact(store, cfg, n_rows: int = 600) -> str:
+    """A `data` artifact of the demo task built by the real data stage (first `n_rows` demo rows)."""
     import tempfile
 
-    try:
-        from rlhf_tasks.data.stage import prepare  # noqa: F401
-        has_stage = True
-    except ImportError:
-        has_stage = False
-    key = f"test-demo-{n_rows}-{seed}"
-    if store.exists("data", key):
-        return store.uri("data", key)
-    tmp = Path(tempfile.mkdtemp(prefix="data-"))
-    if has_stage:
+    from rlhf_tasks.data.stage import prepare
+
+    key = f"test-demo-{n_rows}"
+    if not store.exists("data", key):
         cfg = cfg.model_copy(deep=True)
         cfg.data.sources[0].max_rows = n_rows
-        prepare(cfg, tmp)  # noqa: F821
-    else:
-        _fabricate(cfg, tmp, n_rows, seed)
-    return store.put_dir(tmp, "data", key)
-
-
-def _fabricate(cfg, out: Path, n_rows: int, seed: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rlhf_tasks.data import demo
-    from rlhf_tasks.data.formatting import format_prompt, tokenize_prompts, tokenize_responses
-    from rlhf_tasks.models import load_tokenizer, resolve_model
-
-    tok = load_tokenizer(resolve_model(cfg.models.actor, cfg.models.tiny))
-    rows = demo.generate(n_rows, seed)
-    n_eval = max(16, n_rows // 10)
-    texts = [format_prompt(tok, r["prompt"]) for r in rows]
-    pids = tokenize_prompts(tok, texts)
-    cids = tokenize_responses(tok, [r["chosen"] for r in rows], 64)
-    rids = tokenize_responses(tok, [r["rejected"] for r in rows], 64)
-    table = {"source": [], "row": [], "prompt": [], "chosen": [], "rejected": [], "prompt_text": [],
-             "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "gold": []}
-    for i, r in enumerate(rows):
-        for k, v in (("source", "demo"), ("row", i + 1), ("prompt", r["prompt"]), ("chosen", r["chosen"]),
-                     ("rejected", r["rejected"]), ("prompt_text", texts[i]), ("prompt_ids", pids[i]),
-                     ("chosen_ids", cids[i]), ("rejected_ids", rids[i]), ("gold", "demo")):
-            table[k].append(v)
-    for phase in ("sft", "reward", "ppo"):
-        for split, sl in (("train", slice(n_eval, None)), ("eval", slice(0, n_eval))):
-            (out / phase).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({k: v[sl] for k, v in table.items()}), out / phase / f"{split}.parquet")
-    (out / "data_info.json").write_text(json.dumps({"rows": n_rows}))
-    (out / "metrics.json").write_text(json.dumps({"summary": {"rows": n_rows}}))
+        out = Path(tempfile.mkdtemp(prefix="data-")) / "artifact"
+        prepare(cfg, out)
+        store.put_dir(out, "data", key)
+    return store.uri("data", key)
 
 
 def make_spec(stage: str, cfg, store, data_uri: str, run_dir: Path, key: str) -> StageSpec:

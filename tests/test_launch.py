@@ -1,7 +1,6 @@
 """Launcher: process groups, streaming, timeouts, caller death, env stripping, command building."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap

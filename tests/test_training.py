@@ -1,5 +1,4 @@
 """SFT and reward-model stages on tiny models (CPU, in-process world size 1), and the training core's pieces."""
-import json
 import uuid
 from pathlib import Path
 
@@ -45,6 +44,8 @@ def test_sft_zero0_loss_decreases_and_output_loads(store, data_uri, tmp_path, mo
     assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3])
     assert summary["eval_ppl"] < summary["eval_ppl_before"]
     assert m["summary"] == summary and m["history"][0]["step"] == 0
+    assert summary["train_tokens_per_s"] > 0 and summary["peak_mem_mb"] > 0 and summary["wall_s"] > 0
+    assert all("lr" in r and "tokens_per_s" in r for r in m["history"] if "loss" in r)
     folder = store.get_uri(uri)
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))

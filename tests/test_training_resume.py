@@ -103,3 +103,15 @@ def test_two_processes_train(stage, zero, lora, store, data_uri, tmp_path):
     assert s["eval_loss"] < s["eval_loss_before"]
     if stage == "reward":
         assert s["eval_accuracy"] > 0.6
+
+
+def test_bad_input_in_job_is_a_one_line_stage_failure(store, data_uri, tmp_path):
+    """Too few rows for one optimizer step: the job exits 2 with one line naming the problem."""
+    from rlhf_tasks.errors import StageFailed
+
+    cfg = tiny_cfg(["reward.micro_batch_size=100000"])
+    spec = make_spec("reward", cfg, store, data_uri, tmp_path / "bad", uuid.uuid4().hex[:24])
+    with pytest.raises(StageFailed) as ei:
+        run_stage(spec, ExecutionConfig(device="cpu", timeout_s=120), log=lambda line: None)
+    assert ei.value.returncode == 2
+    assert "micro_batch_size" in str(ei.value) and "Traceback" not in ei.value.log_tail

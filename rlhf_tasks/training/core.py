@@ -22,7 +22,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -664,7 +664,6 @@ class StageTask:
     loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, float]]]
     evaluate: Callable[[Any], dict[str, float]]
     tokens: Callable[[list[int]], int]
-    summary_keys: dict[str, str] = field(default_factory=dict)  # eval metric -> summary name prefix
 
 
 def plan_steps(tcfg, n_train: int, world: int) -> tuple[int, int]:
