@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default="gpu-check-out")
     ap.add_argument("--shape", default="opt-1.3b")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-deepspeed-he", action="store_true", help="leave DeepSpeed's HE to a separate run")
     args = ap.parse_args()
     import torch
 
@@ -45,7 +46,8 @@ def main() -> None:
     peak = next((v for k, v in HBM.items() if k in name), None)
     copy_bw = measured_bandwidth()
     res = bench.main(["--shape", args.shape, "--precision", "bf16", "--batch", str(args.batch), "--prompt-len", "32",
-                      "--new-tokens", "64", "--repeats", "5", "--ppo-steps", "5", "--deepspeed-he"])
+                      "--new-tokens", "64", "--repeats", "5", "--ppo-steps", "5"]
+                     + ([] if args.no_deepspeed_he else ["--deepspeed-he"]))
     gen = res["generation"]
     model_bytes = gen["params"] * 2  # bf16
     bw = peak or copy_bw
