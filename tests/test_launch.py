@@ -165,3 +165,35 @@ def test_run_stage_failure_surfaces_log_tail(tmp_path, local_store):
     assert "Traceback" in err.log_tail and "no manifest" in err.log_tail
     assert "no manifest" in str(err) and "sft.log" in str(err)
     assert (tmp_path / "run" / "sft.log").exists() and (tmp_path / "run" / "spec.json").exists()
+
+
+@pytest.mark.slow
+def test_timeout_of_a_torchrun_job_leaves_no_rank_behind(tmp_path, local_store):
+    """A real 2-process stage job under torchrun, stopped by the launcher's timeout mid-training."""
+    from _training_helpers import make_data_artifact, make_spec, tiny_cfg
+
+    cfg = tiny_cfg(["sft.max_steps=100000", "sft.epochs=1000", "sft.micro_batch_size=2"])
+    data = make_data_artifact(local_store, tiny_cfg(), n_rows=200)
+    spec = make_spec("sft", cfg, local_store, data, tmp_path / "run", "t" * 24)
+    seen = []
+    with pytest.raises(StageFailed) as ei:
+        run_stage(spec, ExecutionConfig(device="cpu", num_procs=2, timeout_s=25), log=seen.append)
+    assert "timed out" in str(ei.value)
+    assert any("step" in line for line in seen), "the job should have been training when it was stopped"
+    marker = str(tmp_path / "run" / "spec.json")
+
+    def job_pids():
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if marker in (d / "cmdline").read_bytes().decode(errors="replace") and _alive(int(d.name)):
+                        out.append(int(d.name))
+                except OSError:
+                    pass
+        return out
+
+    deadline = time.time() + 10
+    while job_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job_pids() == []

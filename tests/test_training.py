@@ -232,7 +232,9 @@ def test_frozen_engine_for_reference_models(zero, single_process_group):
     from rlhf_tasks.training import core
 
     path = models.ensure_tiny_model("llama", TinyModelConfig())
-    eng = core.build_engine(models.load_score_model(str(path)), TrainingConfig(zero_stage=zero), trainable=False)
+    eng = core.build_engine(models.load_score_model(str(path)), TrainingConfig(zero_stage=zero), trainable=False,
+                            extra_config={"steps_per_print": 7})
+    assert eng.steps_per_print() == 7
     assert getattr(eng, "basic_optimizer", None) is None and eng.lr_scheduler is None and not eng.module.training
     assert not any(p.requires_grad for p in eng.module.parameters())
     ids = torch.randint(5, 100, (2, 6))

@@ -273,21 +273,22 @@ def param_groups(model, weight_decay: float, lr: float, lora_lr: float | None) -
 
 
 def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, world_size: int | None = None,
-                 trainable: bool = True):
+                 trainable: bool = True, extra_config: dict | None = None):
     """`deepspeed.initialize` for one model with the config generated from `tcfg`.
 
     Trainable: optimizer (torch AdamW, or DeepSpeed's Adam via the DS config when `optim.optimizer` is
     `deepspeed_adam`), a transformers LR schedule with linear warmup over `warmup_ratio * total_steps` steps
     (stepped by the engine once per optimizer step), gradient checkpointing when asked. Apply LoRA BEFORE this.
     `trainable=False` (reference / reward models): no optimizer, eval mode, frozen; ZeRO-3 partitioned when
-    `zero_stage == 3`, else a plain stage-0 engine."""
+    `zero_stage == 3`, else a plain stage-0 engine. `extra_config` sections are merged into the generated
+    DeepSpeed config (top-level keys replace, e.g. a `hybrid_engine` section)."""
     import deepspeed
     from transformers import get_scheduler
 
     world_size = world_size or rank_world()[1]
     if tcfg.precision == "fp16" and device().type == "cpu":
         raise ConfigError("precision: fp16 is not supported on CPU (DeepSpeed's CPU accelerator); use bf16 or fp32")
-    cfg = deepspeed_config(tcfg, world_size, trainable)
+    cfg = {**deepspeed_config(tcfg, world_size, trainable), **(extra_config or {})}
     if not trainable:
         model.requires_grad_(False)
         model.eval()
