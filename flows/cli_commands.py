@@ -126,7 +126,7 @@ def _run_with_prefect(cfg, until: str, name: str) -> dict:
 def _write_summary(path: str | None, record: dict | None) -> None:
     if path and record is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+        Path(path).write_text(json.dumps(record, indent=1, default=str))  # stages in pipeline order
 
 
 def cmd_run(args) -> int:

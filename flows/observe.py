@@ -75,7 +75,8 @@ class StageLog:
         if final or now - self._last_echo >= self.min_interval_s:
             self._last_echo = now
             text = line.strip()
-            console(f"  {text}" if text.startswith(f"[{self.stage}]") else f"  [{self.stage}] {text}")
+            text = text if text.startswith(f"[{self.stage}]") else f"[{self.stage}] {text}"
+            console(f"  {text[:157]}..." if len(text) > 160 else f"  {text}")
         if final or now - self._last_update >= self.min_interval_s:
             self._last_update = now
             self._publish_progress(100.0 * min(step, total) / total, f"{self.stage}: step {step}/{total}")
@@ -154,3 +155,18 @@ def publish_stage_artifacts(store: ArtifactStore, stage: str, key: str, uri: str
     except Exception as e:
         if logger is not None:
             logger.warning(f"{stage}: artifacts not published: {e}")
+
+
+def publish_eval_report(store: ArtifactStore, uri: str, experiment: str, logger=None) -> None:
+    """The evaluation report (comparison table, samples, plots) as Prefect artifacts, via the eval stage's
+    own publisher."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        from rlhf_tasks.evaluation.report import publish_report
+
+        publish_report(uri, markdown=create_markdown_artifact, table=create_table_artifact,
+                       key=artifact_key(experiment, "eval"), store=store)
+    except Exception as e:
+        if logger is not None:
+            logger.warning(f"eval report not published as Prefect artifacts: {e}")

@@ -111,6 +111,8 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_s
         status = "cached" if cached_now else "ran"
         entry = core.stage_entry(store, p, status, 0.0)
         observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger)
+        if p.stage == "eval":
+            observe.publish_eval_report(store, uri, cfg.experiment, logger)
         logger.info(f"{p.stage}: {status} ({state.name}) {uri}")
         return uri, {"prefect_state": state.name}
 

@@ -136,6 +136,16 @@ def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
     assert len(list((store / "_prefect" / "cache").iterdir())) == 5
     rec = json.loads((store / "runs" / f"{second['run_id']}.json").read_text())
     assert rec["eval_uri"] == second["stages"]["eval"]["uri"]
+    # Prefect artifacts of the first run: progress (parsed from `step i/n` lines), metrics table + samples, link.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["run_id"]])))
+    by_key = {a.key: a for a in arts if a.key}
+    assert by_key["rlhf-sft-progress"].data == 100.0
+    assert "fake_loss" in by_key["rlhf-eval-metrics"].data and "Samples" in by_key["rlhf-eval-metrics"].data
+    assert first["stages"]["ppo"]["key"] in str(by_key["rlhf-ppo-artifact"].data)  # the link to the store
 
 
 def test_changing_a_ppo_setting_reruns_only_ppo_and_eval(fakes, tmp_path, prefect_api):
