@@ -168,5 +168,5 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     assert out.returncode == 0, out.stdout + out.stderr
     third = json.loads(summary.read_text())
     assert {v["prefect_state"] for v in third["stages"].values()} == {"Cached"}
-    assert [v["uri"] for v in third["stages"].values()] == [v["uri"] for v in first["stages"].values()]
+    assert {s: v["uri"] for s, v in third["stages"].items()} == {s: v["uri"] for s, v in first["stages"].items()}
     assert _events(env) == []
