@@ -1,6 +1,6 @@
 """The `rlhf-pipeline` flow: data -> sft -> reward -> ppo -> eval, one Prefect task per stage, thin over rlhf_tasks.
 
-Caching (see docs in flows/README.md):
+Caching (the whole rule; infra/README.md has the deployment side):
 - The cache key of a stage task IS the stage key from `rlhf_tasks.stages.plan()` (`StageKeyPolicy`); nothing about
   the flow run, the task source or Prefect's database enters it.
 - The cached result is the artifact URI (JSON serializer, no pickles in a shared store), kept in the store itself

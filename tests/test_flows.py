@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import flow_fake_stages
 from rlhf_tasks import stages
 from rlhf_tasks.cli import main
 from rlhf_tasks.config import load_config
