@@ -34,4 +34,8 @@ class StageFailed(Exception):
         self.stage = stage
         self.returncode = returncode
         self.log_tail = log_tail
+        self.detail = message
         super().__init__(f"stage {stage!r} failed: {message}")
+
+    def __reduce__(self):  # survives pickling (Prefect stores failed states)
+        return (type(self), (self.stage, self.detail, self.returncode, self.log_tail))

@@ -24,6 +24,7 @@ import fsspec
 from .errors import ArtifactCorrupt, StoreError
 
 MANIFEST = "manifest.json"
+RESERVED_KINDS = frozenset({"runs"})  # folders of plain JSON documents beside the artifacts (run records)
 MANIFEST_FORMAT = 1
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -164,7 +165,7 @@ class ArtifactStore:
         try:
             with self.fs.open(p, "r") as f:
                 text = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         m = Manifest.from_json(text, self.uri(kind, key))
         if m.kind != kind or m.key != key:
@@ -302,7 +303,7 @@ class ArtifactStore:
         except FileNotFoundError:
             return []
         names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        return sorted(n for n in names if _NAME_RE.match(n))
+        return sorted(n for n in names if _NAME_RE.match(n) and n not in RESERVED_KINDS)
 
     def keys(self, kind: str) -> list[str]:
         check_name(kind, "x")
@@ -338,7 +339,7 @@ class ArtifactStore:
         """Delete unfinished uploads older than `min_age_s`, checkpoints of stages whose final artifact exists,
         and (with `unreferenced`) complete artifacts that no other artifact's lineage and no `keep` URI names.
         Returns the URIs removed (or that would be, with `dry_run`)."""
-        keep = set(keep or ())
+        keep = set(keep or ()) | self._run_record_uris()
         entries = list(self.ls())
         complete = {(k, key): m for k, key, m in entries if m is not None}
         referenced = {u for m in complete.values() for u in m.lineage.values()} | keep
@@ -359,6 +360,24 @@ class ArtifactStore:
             for kind, key in doomed:
                 self.delete(kind, key)
         return [self.uri(k, key) for k, key in doomed]
+
+    def _run_record_uris(self) -> set[str]:
+        """Artifact URIs named by the run records under `runs/` (roots that `gc --unreferenced` keeps)."""
+        uris: set[str] = set()
+        try:
+            paths = self.fs.glob(f"{self.root}/runs/*.json")
+        except FileNotFoundError:
+            return uris
+        for p in paths:
+            try:
+                with self.fs.open(p, "r") as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue
+            for stage in (record.get("stages") or {}).values():
+                if isinstance(stage, dict) and isinstance(stage.get("uri"), str):
+                    uris.add(stage["uri"])
+        return uris
 
     def _mtime(self, kind: str, key: str) -> float:
         base = self._path(kind, key)

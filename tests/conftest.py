@@ -14,6 +14,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
 _SESSION_TMP = Path(os.environ.get("RLHF_TEST_TMP", "/tmp")) / f"rlhf-tests-{os.getpid()}"
+(_SESSION_TMP / "prefect-home").mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

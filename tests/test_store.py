@@ -160,3 +160,23 @@ def test_killed_upload_never_verifies(any_store, tmp_path):
 
 def test_s3_credentials_never_in_settings(s3_store):
     assert "testing" not in json.dumps(s3_store.settings())
+
+
+def test_run_records_are_not_artifacts_and_are_gc_roots(local_store, tmp_path):
+    src = make_dir(tmp_path / "src", {"a": b"1"})
+    kept = local_store.put_dir(src, "eval", "e1")
+    local_store.put_dir(src, "eval", "e2")
+    local_store.write_json("runs/r1.json", {"stages": {"eval": {"uri": kept, "status": "ran"}}})
+    assert "runs" not in local_store.kinds()
+    assert [(k, key) for k, key, _ in local_store.ls()] == [("eval", "e1"), ("eval", "e2")]
+    assert local_store.gc(unreferenced=True) == [local_store.uri("eval", "e2")]
+    assert local_store.read_json("runs/r1.json")["stages"]["eval"]["uri"] == kept
+
+
+def test_stage_failed_pickles():
+    import pickle
+
+    from rlhf_tasks.errors import StageFailed
+
+    e = pickle.loads(pickle.dumps(StageFailed("sft", "exit code 1", 1, "tail")))
+    assert (e.stage, e.returncode, e.log_tail, str(e)) == ("sft", 1, "tail", "stage 'sft' failed: exit code 1")
