@@ -29,7 +29,7 @@ BUILDER = 1
 MARGIN = 0.1  # gold improvement (mean of greedy and sampled) PPO must exceed; the sign-flipped run must not
 PPO = dict(max_new_tokens=16, prompt_batch_size=16, mini_batch_size=8, ppo_epochs=2, actor_lr=1e-4, critic_lr=1e-4,
            kl_coef=0.1, whiten_rewards=True, seed=1)
-STEPS = 25
+STEPS = 50
 
 
 def fmt(p: str) -> str:
