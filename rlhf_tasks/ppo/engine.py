@@ -225,9 +225,8 @@ class RLHFEngine:
             he_extra = deepspeed_he_config(cfg.max_new_tokens + 512, cfg.inference_tp_size,
                                            cfg.tp_gather_partition_size, cfg.release_inference_cache,
                                            cfg.pin_parameters)
-        with _extra_ds_config(he_extra):
-            self.actor = core.build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
-                                           world_size=self.world_size)
+        self.actor = core.build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
+                                       world_size=self.world_size, extra_config=he_extra)
         critic_m = core.apply_lora(critic_m, cfg.critic.lora)
         if critic_t.gradient_checkpointing:  # on the inner model: the wrapper has no HF checkpointing switch
             core.enable_gradient_checkpointing(critic_m)
