@@ -2,8 +2,6 @@
 the per-stage summary entry and the run record. Importing this module never imports Prefect."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 import time
 from pathlib import Path
@@ -18,31 +16,10 @@ _NAME_SECTIONS = ("models", "data", "sft", "reward", "ppo", "eval")
 
 
 def validate_inputs(cfg: PipelineConfig) -> None:
-    """Check the config's data sources before anything is launched (raises ConfigError/DataError -> exit 2).
-    Uses the data stage's validator when it is installed."""
-    for mod in ("rlhf_tasks.data.stage", "rlhf_tasks.data.sources"):
-        try:
-            found = importlib.util.find_spec(mod) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            fn = getattr(importlib.import_module(mod), "validate_sources", None)
-            if fn is not None:
-                fn(cfg)
-                return
+    """Check the config's data sources before anything is launched (raises ConfigError/DataError -> exit 2)."""
+    from rlhf_tasks.data.stage import validate_sources
 
-
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """`tree["a"]["b"] = value` for `a.b` (creating sections), as `rlhf run --set a.b=value` does."""
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for k in parents:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            from rlhf_tasks.errors import ConfigError
-
-            raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[leaf] = value
+    validate_sources(cfg)
 
 
 def config_hash(cfg: PipelineConfig) -> str:

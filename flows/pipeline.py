@@ -22,7 +22,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
 
-from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config, parse_override
+from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
 from rlhf_tasks.errors import StageFailed
 from rlhf_tasks.stages import StagePlan, StageSpec, plan
 from rlhf_tasks.store import ArtifactStore
@@ -82,8 +82,7 @@ def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineCon
     if value is None:
         value = load_config(None)
     tree = value.model_dump(mode="json", by_alias=True) if isinstance(value, PipelineConfig) else dict(value)
-    for item in overrides or []:
-        core.set_dotted(tree, *parse_override(item))
+    apply_overrides(tree, overrides or [])
     return config_from_dict(tree, origin="parameters.config")
 
 

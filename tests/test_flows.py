@@ -112,7 +112,7 @@ def test_plan_reasons_without_prefect(fakes, tmp_path, prefect_api, capsys):
     assert rc == 0
     rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
     assert [rows[s]["status"] for s in stages.STAGES] == ["cached", "cached", "cached", "will-run", "will-run"]
-    assert rows["ppo"]["reason"] == "ppo.kl_coef 0.05 -> 0.07"
+    assert rows["ppo"]["reason"] == f"ppo.kl_coef {load_config(None).ppo.kl_coef} -> 0.07"
     assert rows["eval"]["reason"] == "no eval artifact in the store yet"
     assert fakes() == []  # plan launched nothing
 

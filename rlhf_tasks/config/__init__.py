@@ -3,6 +3,7 @@ from .pipeline import (
     ExecutionConfig,
     ModelsConfig,
     PipelineConfig,
+    apply_overrides,
     StoreConfig,
     TinyModelConfig,
     config_from_dict,
@@ -17,5 +18,5 @@ __all__ = [
     "PipelineConfig", "ModelsConfig", "StoreConfig", "ExecutionConfig", "TinyModelConfig",
     "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "PPOConfig", "EvalConfig",
     "TrainingConfig", "OptimConfig", "LoraConfig",
-    "load_config", "config_from_dict", "parse_override", "preset_path",
+    "load_config", "config_from_dict", "apply_overrides", "parse_override", "preset_path",
 ]

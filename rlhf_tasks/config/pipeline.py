@@ -127,6 +127,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
+    """Apply `--set KEY=VALUE` items to a config tree in place; returns the keys set."""
+    keys = []
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+        keys.append(key)
+    return keys
+
+
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -169,11 +179,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
         path = preset_path(str(path))
     tree = read_yaml(path)
-    set_keys = []
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(tree, key, value)
-        set_keys.append(key)
+    set_keys = apply_overrides(tree, overrides or [])
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
