@@ -94,7 +94,7 @@ def test_reward_kill_and_resume_two_processes_zero3(store, data_uri, tmp_path):
 def test_two_processes_train(stage, zero, lora, store, data_uri, tmp_path):
     """World size 2 under torchrun: the loss goes down and the output is a plain HF folder."""
     cfg = tiny_cfg([f"{stage}.micro_batch_size=8", f"{stage}.max_seq_len=64", f"{stage}.optim.lr=3e-3",
-                    f"{stage}.max_steps=10", f"{stage}.zero_stage={zero}", f"{stage}.lora.r={lora}",
+                    f"{stage}.max_steps=10", f"{stage}.epochs=3", f"{stage}.zero_stage={zero}", f"{stage}.lora.r={lora}",
                     f"{stage}.gradient_checkpointing={str(bool(lora)).lower()}"])
     _, m = _run(stage, cfg, store, data_uri, tmp_path, ExecutionConfig(device="cpu", num_procs=2, timeout_s=600),
                 f"ws2-{stage}-{zero}-{lora}")
