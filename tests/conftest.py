@@ -36,6 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory):
+    """A local store shared by the tests of one module (stage jobs reuse its data artifact)."""
+    from rlhf_tasks.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("store")
+    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+
+
 @pytest.fixture
 def local_store(tmp_path):
     from rlhf_tasks.store import ArtifactStore

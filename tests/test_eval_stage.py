@@ -30,14 +30,6 @@ SHAPE = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_
 EVAL = EvalConfig(num_prompts=6, num_pairs=8, max_new_tokens=6, batch_size=4, num_samples_in_report=3, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~50x faster single-threaded on a busy shared CPU (no spin-waiting intra-op threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _data_artifact(d: Path, tok) -> None:
     rows = demo.generate(20, seed=3)

@@ -20,11 +20,8 @@ TIMING = ("time/", "gen/", "samples_per_s")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from rlhf_tasks.store import ArtifactStore
-
-    root = tmp_path_factory.mktemp("ppo-store")
-    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+def store(module_store):
+    return module_store
 
 
 @pytest.fixture(scope="module")

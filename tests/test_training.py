@@ -15,11 +15,8 @@ def _cfg(stage: str, extra=()):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from rlhf_tasks.store import ArtifactStore
-
-    root = tmp_path_factory.mktemp("train-store")
-    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+def store(module_store):
+    return module_store
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,8 @@ from rlhf_tasks.launch import run_stage
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from rlhf_tasks.store import ArtifactStore
-
-    root = tmp_path_factory.mktemp("resume-store")
-    return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+def store(module_store):
+    return module_store
 
 
 @pytest.fixture(scope="module")
