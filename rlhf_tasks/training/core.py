@@ -64,7 +64,77 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
                                    timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
+    elif torch.distributed.get_world_size() == 1:
+        _single_process_collectives()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class _Done:
+    """The handle of a collective that already completed (what torch's Work offers that DeepSpeed uses)."""
+
+    def wait(self, *_, **__) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self):
+        fut = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+
+def _single_process_collectives() -> None:
+    """One CPU process: make DeepSpeed's collectives local copies on the calling thread.
+
+    With one rank every collective is an identity (all-gather / reduce-scatter: output = input; all-reduce,
+    broadcast, reduce: nothing), but gloo still runs each one on its own worker thread (a thread hand-off per ZeRO-3
+    parameter fetch and gradient reduction), and the copies it makes there start a second OpenMP thread team. Once
+    a process holds more OpenMP threads than cores, libgomp stops spinning between parallel regions in EVERY team,
+    so each small op of the main thread pays a futex wake-up: after the first ZeRO-3 engine, generation and
+    training ran ~3x slower with 2 threads on 2 cores. Results are bit-identical (the same values are copied)."""
+    try:
+        import deepspeed.comm.comm as ds_comm
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return
+    cdb = getattr(ds_comm, "cdb", None)
+    if cdb is None or getattr(cdb, "_rlhf_single_process", False):
+        return
+
+    def done(async_op):
+        return _Done() if async_op else None
+
+    def copy_into(out, inp):
+        if out.data_ptr() != inp.data_ptr():
+            out.copy_(inp.reshape(out.shape))
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        copy_into(output_tensor, input_tensor)
+        return done(async_op)
+
+    def reduce_scatter_tensor(output_tensor, input_tensor, op=None, group=None, async_op=False):
+        copy_into(output_tensor, input_tensor)
+        return done(async_op)
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        copy_into(tensor_list[0], tensor)
+        return done(async_op)
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        return done(async_op)
+
+    def all_reduce_coalesced(tensors, op=None, group=None, async_op=False):
+        return done(async_op)
+
+    cdb.all_gather_into_tensor = all_gather_into_tensor
+    cdb.all_gather_base = all_gather_into_tensor
+    cdb.reduce_scatter_tensor = reduce_scatter_tensor
+    cdb.all_gather = all_gather
+    cdb.all_reduce = all_reduce
+    cdb.all_reduce_coalesced = all_reduce_coalesced
+    cdb.broadcast = lambda tensor, src, group=None, async_op=False: done(async_op)
+    cdb.reduce = lambda tensor, dst, op=None, group=None, async_op=False: done(async_op)
+    cdb._rlhf_single_process = True
 
 
 def local_rank() -> int:
@@ -234,6 +304,11 @@ def deepspeed_config(tcfg, world_size: int, trainable: bool = True) -> dict:
             zero["offload_param"] = {"device": "cpu"}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # DeepSpeed's "memory efficient linear" replaces torch.nn.functional.linear PROCESS-WIDE (and for good) with
+        # a Python autograd.Function: every linear of every model in the process (ZeRO-0 ones, generation, the
+        # reference model) then pays Python overhead and runs matmul + bias instead of the fused addmm. ZeRO-3
+        # gathers the weights for backward through its module hooks anyway, so torch's own linear is used.
+        zero["memory_efficient_linear"] = False
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum,
@@ -315,6 +390,10 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       model_parameters=groups if optimizer is None else None,
                                       lr_scheduler=make_scheduler, config=cfg, dist_init_required=False)
+    if world_size == 1 and rank_world()[1] == 1 and engine.zero_optimization_stage() == 0:
+        # one process: DeepSpeed's gradient all-reduce (flatten every gradient, all_reduce through gloo's worker
+        # thread, multiply by 1/1, copy back) is an exact identity that costs a few ms per optimizer step
+        engine.enable_backward_allreduce = False
     engine.train()
     return engine
 
