@@ -117,10 +117,40 @@ class PortableHybridEngine(HybridEngine):
                 # the weights are all here now: ZeRO-3's per-module fetch/release hooks would only add overhead
                 # to every layer of every generated token
                 stack.enter_context(zero3_hooks_suspended(self.engine))
+            elif not zero3:
+                # the DeepSpeed engine's own forward pre/post hooks (timers, profiler bookkeeping of a training
+                # forward) would otherwise run for every generated token
+                stack.enter_context(engine_hooks_suspended(self.engine))
             loras = _lora_layers(module)
             if loras:
                 stack.enter_context(_merged_lora(loras, restore_exact=not zero3))
             yield module
+
+
+@contextlib.contextmanager
+def inference_forward(engine) -> Iterator[None]:
+    """For no-grad forwards of an engine (the experience pass of actor, reference, critic and reward model).
+
+    ZeRO-3 (parameters not offloaded): the parameters are gathered ONCE for the whole forward and the per-module
+    fetch/release hooks are taken out, as for generation; otherwise the engine's own forward hooks are taken out.
+    The forward sees the same weights and runs the same kernels, so its outputs are identical; only the per-layer
+    bookkeeping (and, with one process, a collective per module) is saved. Wrappers (e.g. `Offloaded`) pass."""
+    if not _is_ds_engine(engine):
+        yield
+        return
+    if is_zero3(engine):
+        offload = engine.zero_offload_param() if hasattr(engine, "zero_offload_param") else None
+        if offload is not None and getattr(offload, "device", "none") not in (None, "none"):
+            yield  # offloaded parameters: keep DeepSpeed's layer-by-layer fetching (bounded device memory)
+            return
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(list(unwrap(engine).parameters()), modifier_rank=None), \
+                zero3_hooks_suspended(engine):
+            yield
+        return
+    with engine_hooks_suspended(engine):
+        yield
 
 
 def _zero3_offload(engine):
@@ -129,20 +159,48 @@ def _zero3_offload(engine):
     return getattr(opt, "parameter_offload", opt if hasattr(opt, "forward_hooks") else None)
 
 
+def _engine_hook_handles(engine) -> list:
+    """The forward pre/post hooks a DeepSpeed engine puts on its module (run on every forward of the module)."""
+    if not _is_ds_engine(engine):
+        return []
+    return [h for h in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook",
+                                                                                   None)) if h is not None]
+
+
+@contextlib.contextmanager
+def engine_hooks_suspended(engine):
+    """Take the DeepSpeed engine's own module forward hooks out for the duration (inference forwards called on the
+    module directly, no gradients). Put back exactly, in their original order, on exit."""
+    with _hooks_suspended(_engine_hook_handles(engine)):
+        yield
+
+
 @contextlib.contextmanager
 def zero3_hooks_suspended(engine):
-    """Take ZeRO-3's module hooks out for the duration (only valid while the parameters are gathered and no
-    gradients are taken); they are put back exactly, in their original order, on exit."""
+    """Take ZeRO-3's module hooks (and the engine's own forward hooks, whose prologue would re-wrap every module's
+    parameter dict for ZeRO-3 on each call) out for the duration (only valid while the parameters are gathered and
+    no gradients are taken); they are put back exactly, in their original order, on exit."""
     offload = _zero3_offload(engine) if _is_ds_engine(engine) else None
     handles = list(getattr(offload, "forward_hooks", [])) + list(getattr(offload, "backward_hooks", []))
     if getattr(offload, "fwd_pre_hook", None) is not None:
         handles.append(offload.fwd_pre_hook)
-    saved: dict[int, tuple[dict, dict]] = {}
+    handles += _engine_hook_handles(engine)
     # ZeRO-3 also swaps every module's parameter dict for one whose getter checks/fetches on each access
     swapped = [(m, m._parameters) for m in unwrap(engine).modules()
                if type(m._parameters).__name__ == "ZeROOrderedDict"] if offload is not None else []
     for m, d in swapped:
         m._parameters = dict(d.items())
+    try:
+        with _hooks_suspended(handles):
+            yield
+    finally:
+        for m, d in swapped:
+            m._parameters = d
+
+
+@contextlib.contextmanager
+def _hooks_suspended(handles: list):
+    saved: dict[int, tuple[dict, dict]] = {}
     for h in handles:
         d = h.hooks_dict_ref()
         if d is None:
@@ -156,8 +214,6 @@ def zero3_hooks_suspended(engine):
         for d, snapshot in saved.values():
             d.clear()
             d.update(snapshot)
-        for m, d in swapped:
-            m._parameters = d
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from ..config.stages import PPOConfig
 from ..models import lm_logits
 from ..training import core
 from . import ppo_math as pm
-from .hybrid import left_pad
+from .hybrid import inference_forward, left_pad
 
 
 @dataclass
@@ -177,18 +177,24 @@ class PPOTrainer:
         mask = torch.cat([pmask, rmask.long()], dim=1)
 
         t1 = time.perf_counter()
+        # each forward under inference_forward: ZeRO-3 weights gathered once per model instead of per layer
         eng.actor.eval()
-        logits = self._response_logits(eng.actor, seqs, mask, P)
+        with inference_forward(eng.actor):
+            logits = self._response_logits(eng.actor, seqs, mask, P)
         old_logprobs = pm.logprobs_from_logits(logits, responses, cfg.temperature) * rmask
         entropy = pm.masked_mean(pm.entropy_from_logits(logits, cfg.temperature), rmask).item()
         del logits
         eng.actor.train()
-        ref_logprobs = pm.logprobs_from_logits(self._response_logits(eng.ref, seqs, mask, P), responses,
-                                               cfg.temperature) * rmask
+        with inference_forward(eng.ref):
+            ref_logits = self._response_logits(eng.ref, seqs, mask, P)
+        ref_logprobs = pm.logprobs_from_logits(ref_logits, responses, cfg.temperature) * rmask
+        del ref_logits
         eng.critic.eval()
-        old_values = eng.critic(seqs, mask)[:, P - 1:-1].float() * rmask
+        with inference_forward(eng.critic):
+            old_values = eng.critic(seqs, mask)[:, P - 1:-1].float() * rmask
         eng.critic.train()
-        scores = eng.reward(seqs, mask).float()
+        with inference_forward(eng.reward):
+            scores = eng.reward(seqs, mask).float()
         shaped = pm.shape_scores(scores, has_eos, cfg.missing_eos_penalty, cfg.whiten_rewards, cfg.reward_clip)
         rewards, kl = pm.kl_penalty_rewards(old_logprobs, ref_logprobs, shaped, rmask, self.kl_ctl.value)
         advantages, returns = pm.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
