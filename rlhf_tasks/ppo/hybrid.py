@@ -82,6 +82,11 @@ class HybridEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs) -> torch.Tensor:
         """Generate from left-padded prompts. input_ids, attention_mask [B, P] -> sequences [B, P + N]."""
         gen_kwargs.setdefault("use_cache", True)
+        if gen_kwargs.get("min_new_tokens") and gen_kwargs.get("min_length") is None:
+            # `generate` turns min_new_tokens into min_length = prompt width + min_new_tokens AND keeps a second
+            # processor for min_new_tokens: two identical EOS masks (arange, isin, clone, where) per token. The
+            # prompts are left-padded to one width, so min_length alone masks exactly the same positions.
+            gen_kwargs["min_length"] = input_ids.shape[1] + gen_kwargs.pop("min_new_tokens")
         with self.generation_mode() as model:
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
