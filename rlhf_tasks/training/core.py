@@ -304,11 +304,6 @@ def deepspeed_config(tcfg, world_size: int, trainable: bool = True) -> dict:
             zero["offload_param"] = {"device": "cpu"}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-        # DeepSpeed's "memory efficient linear" replaces torch.nn.functional.linear PROCESS-WIDE (and for good) with
-        # a Python autograd.Function: every linear of every model in the process (ZeRO-0 ones, generation, the
-        # reference model) then pays Python overhead and runs matmul + bias instead of the fused addmm. ZeRO-3
-        # gathers the weights for backward through its module hooks anyway, so torch's own linear is used.
-        zero["memory_efficient_linear"] = False
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": tcfg.grad_accum,
@@ -368,6 +363,7 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
         model.requires_grad_(False)
         model.eval()
         engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+        _scope_zero3_linear(engine, trainable=False)
         engine.eval()
         return engine
 
@@ -390,12 +386,52 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       model_parameters=groups if optimizer is None else None,
                                       lr_scheduler=make_scheduler, config=cfg, dist_init_required=False)
+    _scope_zero3_linear(engine, trainable=True)
     if world_size == 1 and rank_world()[1] == 1 and engine.zero_optimization_stage() == 0:
         # one process: DeepSpeed's gradient all-reduce (flatten every gradient, all_reduce through gloo's worker
         # thread, multiply by 1/1, copy back) is an exact identity that costs a few ms per optimizer step
         engine.enable_backward_allreduce = False
     engine.train()
     return engine
+
+
+def _scope_zero3_linear(engine, trainable: bool) -> None:
+    """Confine DeepSpeed's ZeRO-3 "memory efficient linear" to where it matters.
+
+    Building a ZeRO-3 engine replaces `torch.nn.functional.linear` PROCESS-WIDE, for good, with a Python
+    autograd.Function (it keeps only the partitioned weight for backward, so gathered weights are not held until
+    backward). Every linear of every model in the process (ZeRO-0 engines, frozen models, generation, plain copies)
+    then pays its Python overhead. Here torch's linear is put back, and the wrapper is switched on only for the
+    grad-enabled forwards and the backward (activation-checkpointing recomputation must save the same tensors as
+    the forward) of this trainable ZeRO-3 engine: the memory behaviour of ZeRO-3 training is unchanged,
+    inference forwards save nothing for backward anyway, and both compute the same values."""
+    import torch.nn.functional as F
+
+    try:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as _Patcher
+    except ImportError:  # pragma: no cover - deepspeed layout changed: leave DeepSpeed's behaviour
+        return
+    original = getattr(_Patcher, "linear_bk", None)
+    if original is None or F.linear is not zero3_linear_wrap:
+        return
+    F.linear = original
+    if not trainable:
+        return
+    def scoped(inner, grad_only: bool):
+        def call(*args, **kwargs):
+            if (grad_only and not torch.is_grad_enabled()) or F.linear is not original:
+                return inner(*args, **kwargs)
+            F.linear = zero3_linear_wrap
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                F.linear = original
+
+        return call
+
+    engine.forward = scoped(engine.forward, grad_only=True)
+    engine.backward = scoped(engine.backward, grad_only=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
