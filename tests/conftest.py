@@ -37,12 +37,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory):
+def store(tmp_path_factory):
     """A local store shared by the tests of one module (stage jobs reuse its data artifact)."""
     from rlhf_tasks.store import ArtifactStore
 
     root = tmp_path_factory.mktemp("store")
     return ArtifactStore(str(root / "store"), cache_dir=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def data_uri(store):
+    """A demo `data` artifact (first 400 rows) built by the real data stage in the module's store."""
+    from _training_helpers import make_data_artifact, tiny_cfg
+
+    return make_data_artifact(store, tiny_cfg(), n_rows=400)
 
 
 @pytest.fixture

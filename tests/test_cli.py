@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 RLHF = [sys.executable, "-m", "rlhf_tasks.cli"]
 

@@ -1,7 +1,7 @@
 """Typed config: presets validate, overrides apply, bad input is one clear line naming the key."""
 import pytest
 
-from rlhf_tasks.config import PipelineConfig, load_config, parse_override, preset_path
+from rlhf_tasks.config import PipelineConfig, load_config, parse_override
 from rlhf_tasks.config.pipeline import PRESETS_DIR
 from rlhf_tasks.errors import ConfigError
 

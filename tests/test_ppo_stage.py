@@ -20,11 +20,6 @@ TIMING = ("time/", "gen/", "samples_per_s")
 
 
 @pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
-@pytest.fixture(scope="module")
 def inputs(store):
     """data (demo), sft (the tiny actor as is) and reward (the tiny model with a fresh value head) artifacts."""
     cfg = tiny_cfg()

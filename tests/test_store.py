@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from rlhf_tasks.errors import ArtifactCorrupt, StoreError
-from rlhf_tasks.store import MANIFEST, ArtifactStore, compute_key, open_store_for_uri
+from rlhf_tasks.store import MANIFEST, compute_key, open_store_for_uri
 
 
 def make_dir(root: Path, files: dict[str, bytes]) -> Path:

@@ -5,23 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _training_helpers import make_data_artifact, make_spec, metrics, run_in_process, step_losses, tiny_cfg
+from _training_helpers import make_spec, metrics, run_in_process, step_losses, tiny_cfg
 
 COMMON = ["micro_batch_size=8", "max_seq_len=64", "optim.lr=2e-3", "optim.warmup_ratio=0.1", "log_every=1"]
 
 
 def _cfg(stage: str, extra=()):
     return tiny_cfg([f"{stage}.{o}" for o in COMMON] + list(extra))
-
-
-@pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def data_uri(store):
-    return make_data_artifact(store, tiny_cfg(), n_rows=400)
 
 
 def _run(stage, cfg, store, data_uri, tmp_path, monkeypatch):

@@ -5,20 +5,10 @@ import uuid
 
 import pytest
 
-from _training_helpers import (launch_and_kill, make_data_artifact, make_spec, metrics, run_in_process, step_losses,
+from _training_helpers import (launch_and_kill, make_spec, metrics, run_in_process, step_losses,
                                tiny_cfg)
 from rlhf_tasks.config import ExecutionConfig
 from rlhf_tasks.launch import run_stage
-
-
-@pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def data_uri(store):
-    return make_data_artifact(store, tiny_cfg(), n_rows=400)
 
 
 def _cfg(stage, steps, extra=()):

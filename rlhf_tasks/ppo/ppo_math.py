@@ -8,7 +8,6 @@ Every coefficient is an argument; the trainer takes them from `PPOConfig`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
