@@ -116,16 +116,14 @@ def bench_generation(args, dev, dtype) -> dict:
     if not args.skip_naive:
         variants["b_naive_z3"] = lambda: naive.generate(ids, mask, **kw)
     if args.deepspeed_he:
-        from rlhf_tasks.ppo.engine import _extra_ds_config
-
         for stage in (0, 3):
             name = f"d_deepspeed_he_z{stage}"
             try:
                 torch.manual_seed(0)
                 with torch.device(dev):
                     m = AutoModelForCausalLM.from_config(cfg)
-                with _extra_ds_config(deepspeed_he_config(args.prompt_len + args.new_tokens + 8)):
-                    e = core.build_engine(m, tcfg.model_copy(update={"zero_stage": stage}), lr=1e-5, total_steps=10)
+                e = core.build_engine(m, tcfg.model_copy(update={"zero_stage": stage}), lr=1e-5, total_steps=10,
+                                      extra_config=deepspeed_he_config(args.prompt_len + args.new_tokens + 8))
                 he = DeepSpeedHybridEngine(e)
                 res[name + "_injected"] = he.injected
                 res[name + "_equal_to_plain"] = bool(torch.equal(he.generate(ids, mask, **kw), ref))

@@ -57,25 +57,6 @@ def _train_cfg(tcfg, mini_batch_size: int):
     return tcfg.model_copy(update={"micro_batch_size": micro, "grad_accum": mini_batch_size // micro})
 
 
-@contextlib.contextmanager
-def _extra_ds_config(extra: dict | None):
-    """Merge `extra` into the DeepSpeed config `core.build_engine` generates (the `hybrid_engine` section).
-    TODO: replace with an `extra_config` argument of build_engine once the core has one."""
-    if not extra:
-        yield
-        return
-    original = core.deepspeed_config
-
-    def patched(*args, **kwargs):
-        return {**original(*args, **kwargs), **extra}
-
-    core.deepspeed_config = patched
-    try:
-        yield
-    finally:
-        core.deepspeed_config = original
-
-
 class Offloaded:
     """A frozen engine whose module lives on the CPU between uses (non-ZeRO-3 offload of ref/reward); calling it
     moves the module to the device for the forward and back after. On a CPU device this is a plain call."""
