@@ -326,4 +326,4 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row (works for left and right padding). [B, T] -> [B]"""
     T = attention_mask.shape[1]
     idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return (idx * attention_mask.long()).argmax(-1)
+    return (idx * (attention_mask > 0).long()).argmax(-1)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from ..ppo import ppo_math as pm
+
 
 def response_mask(response_ids: torch.Tensor, eos_id: int | None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mask of the real response tokens: everything up to and including the first EOS (all of it when there is
@@ -17,10 +19,8 @@ def response_mask(response_ids: torch.Tensor, eos_id: int | None, valid: torch.T
     valid = torch.ones_like(response_ids, dtype=torch.long) if valid is None else valid.long()
     if eos_id is None:
         return valid
-    is_eos = (response_ids == eos_id).long() * valid
-    # number of EOS strictly before each position: positions after the first EOS see >= 1
-    before = is_eos.cumsum(-1) - is_eos
-    return ((before == 0).long() * valid)
+    mask, _ = pm.response_mask_after_eos(response_ids, eos_id, valid)  # the one truncation rule PPO trains with
+    return mask.long()
 
 
 def ends_with_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_id: int | None) -> torch.Tensor:
@@ -36,8 +36,7 @@ def ends_with_eos(response_ids: torch.Tensor, mask: torch.Tensor, eos_id: int | 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each next token under `logits / temperature`: position t scores token t+1.
     [B, T, V], [B, T] -> [B, T-1]"""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return pm.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature)
 
 
 def sequence_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import last_token_index as last_index  # index of the last set entry per row [B, T] -> [B]
+
 
 # ---- masked statistics ---------------------------------------------------------------------------------------
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -119,13 +121,6 @@ def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, score
     add[torch.arange(rewards.shape[0], device=rewards.device), last] = scores.to(rewards.dtype) * has_any.to(
         rewards.dtype)
     return rewards + add, kl
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last set entry of each row (0 for an empty row). mask [B, T] -> [B] long"""
-    T = mask.shape[1]
-    idx = torch.arange(T, device=mask.device).expand(mask.shape)
-    return (idx * (mask > 0).long()).argmax(-1)
 
 
 # ---- KL controllers -------------------------------------------------------------------------------------------
