@@ -281,6 +281,21 @@ def score_head(model) -> torch.nn.Linear | None:
     return None
 
 
+def pad_token_lists(seqs, pad_id: int, side: str = "right", min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to one tensor on the `left` (generation) or `right` (training, scoring).
+    -> (input_ids [B, T], attention_mask [B, T]), T = max(longest, min_width)"""
+    width = max(min_width, max((len(s) for s in seqs), default=0))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not len(s):
+            continue
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left-padded and unpadded sequences see the same positions.
     [B, T] -> [B, T]"""

@@ -18,20 +18,6 @@ def batches(n: int, size: int) -> Iterator[range]:
         yield range(start, min(n, start + size))
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token lists to one tensor. -> ids [B, T], attention mask [B, T]"""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not len(s):
-            continue
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
 def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
                       top_p: float = 1.0, top_k: int = 0, min_new_tokens: int = 0,
                       stop_strings: list[str] | None = None):
@@ -62,7 +48,7 @@ def generate(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, batch_siz
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
     for idx in batches(len(prompt_ids), batch_size):
-        ids, mask = pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, "left")
+        ids, mask = models.pad_token_lists([prompt_ids[i] for i in idx], tokenizer.pad_token_id, "left")
         ids, mask = ids.to(device), mask.to(device)
         extra = {"tokenizer": tokenizer} if getattr(gen_cfg, "stop_strings", None) else {}
         seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
@@ -79,7 +65,7 @@ def score(score_model, sequences: Sequence[Sequence[int]], *, pad_id: int, batch
     score_model.eval()
     out: list[float] = []
     for idx in batches(len(sequences), batch_size):
-        ids, mask = pad([sequences[i] for i in idx], pad_id, "right")
+        ids, mask = models.pad_token_lists([sequences[i] for i in idx], pad_id, "right")
         out.extend(models.sequence_scores(score_model, ids.to(device), mask.to(device)).float().cpu().tolist())
     return out
 
@@ -96,7 +82,7 @@ def kl_to_reference(policy, reference, prompt_ids: Sequence[Sequence[int]], resp
     exact: list[float] = []
     for idx in batches(len(prompt_ids), batch_size):
         seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in idx]
-        ids, mask = pad(seqs, pad_id, "right")
+        ids, mask = models.pad_token_lists(seqs, pad_id, "right")
         # response tokens sit at prompt_len <= t < prompt_len + response_len; they are predicted from t - 1
         resp = torch.zeros_like(mask)
         for row, i in enumerate(idx):

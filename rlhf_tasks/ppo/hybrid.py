@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError
+from ..models import pad_token_lists
 
 
 def unwrap(engine) -> torch.nn.Module:
@@ -44,13 +45,7 @@ def is_zero3(engine) -> bool:
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists for generation. -> (input_ids [B, P], attention_mask [B, P])"""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+    ids, mask = pad_token_lists(seqs, pad_id, "left")
     return ids.to(device), mask.to(device)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..models import pad_token_lists
 
 # ---------------------------------------------------------------------------------------------------------
 # distributed
@@ -744,18 +745,10 @@ def eval_shards(n: int, mb: int, rank: int, world: int) -> Iterator[tuple[list[i
 def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None = None,
               dev: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Right-pad token lists -> input_ids, attention_mask (and labels padded with -100)."""
-    T = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+    ids, mask = pad_token_lists(seqs, pad_id, "right", min_width=1)
     out = {"input_ids": ids, "attention_mask": mask}
     if labels is not None:
-        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for i, s in enumerate(labels):
-            lab[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        out["labels"] = lab
+        out["labels"] = pad_token_lists(labels, -100, "right", min_width=ids.shape[1])[0]
     if dev is not None:
         out = {k: v.to(dev) for k, v in out.items()}
     return out
