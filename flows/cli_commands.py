@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlhf_tasks.cli import load_selected_config
+from rlhf_tasks.cli import load_selected_config, print_table
 from rlhf_tasks.errors import ConfigError, StageFailed, UserError
 from rlhf_tasks.stages import plan
 from rlhf_tasks.store import ArtifactStore
@@ -39,12 +39,6 @@ def key_metrics(metrics: dict, limit: int = 4) -> str:
     names = sorted(scalars, key=rank)[:limit]
     more = f" (+{len(scalars) - limit})" if len(scalars) > limit else ""
     return ", ".join(f"{k}={_fmt(scalars[k])}" for k in names) + more
-
-
-def print_table(header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for r in [header, *rows]:
-        _say("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
 
 
 def _selected(args):

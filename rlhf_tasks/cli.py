@@ -59,7 +59,7 @@ def cmd_store(args) -> int:
         if args.json:
             print(json.dumps([dict(zip(("kind", "key", "status", "size", "created", "lineage"), r)) for r in rows]))
         else:
-            _print_table(("KIND", "KEY", "STATUS", "SIZE", "CREATED", "INPUTS"), rows)
+            print_table(("KIND", "KEY", "STATUS", "SIZE", "CREATED", "INPUTS"), rows)
         return 0
     if args.store_cmd == "verify":
         store, kind, key = open_store_for_uri(args.uri)
@@ -100,10 +100,11 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _print_table(header, rows) -> None:
+def print_table(header, rows) -> None:
+    """Left-aligned columns separated by two spaces (the tables of `rlhf store ls`, `plan` and `run`)."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for r in [header, *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip(), flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_tasks.launch import free_port  # noqa: F401  (also imported by tests from here)
+
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,12 +30,6 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect-results")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 # Tiny models built once per machine are reused across test sessions (deterministic builds).
 os.environ.setdefault("RLHF_CACHE_DIR", str(ROOT / ".cache" / "rlhf_tasks"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

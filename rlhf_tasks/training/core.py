@@ -19,7 +19,6 @@ import os
 import random
 import resource
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -31,18 +30,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..launch import free_port
 from ..models import pad_token_lists
 
 # ---------------------------------------------------------------------------------------------------------
 # distributed
 # ---------------------------------------------------------------------------------------------------------
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
@@ -54,7 +48,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     import deepspeed
     from deepspeed.accelerator import get_accelerator
