@@ -11,8 +11,9 @@ import re
 import sys
 from pathlib import Path
 
-# Fields that measure the machine, not the result (seconds, throughput, memory).
-_TIMING = re.compile(r"(wall|_s$|per_s|tokens_per_s|peak_mem|time|seconds|elapsed|created)")
+# Fields that measure the machine or name where the run lay (seconds, throughput, memory, store paths and keys),
+# not what it computed: keys change with the code version, paths with the store.
+_TIMING = re.compile(r"(wall|_s$|per_s|tokens_per_s|peak_mem|time|seconds|elapsed|created|uri|inputs|path|key)")
 
 
 def _strip(x):
