@@ -87,7 +87,7 @@ def bench_generation(args, dev, dtype) -> dict:
 
     from rlhf_tasks.config.training import TrainingConfig
     from rlhf_tasks.ppo.hybrid import DeepSpeedHybridEngine, PortableHybridEngine, deepspeed_he_config
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.engine import build_engine
 
     cfg = opt_config(args.shape, args.prompt_len + args.new_tokens + 8)
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def bench_generation(args, dev, dtype) -> dict:
     ref = run_plain()
     variants = {"c_plain": run_plain}
     tcfg = TrainingConfig(zero_stage=3, precision=args.precision, micro_batch_size=args.batch)
-    engine = core.build_engine(model, tcfg, lr=1e-5, total_steps=10)
+    engine = build_engine(model, tcfg, lr=1e-5, total_steps=10)
     portable, naive = PortableHybridEngine(engine), PortableHybridEngine(engine, gather_zero3=False)
     res["a_equal_to_plain"] = bool(torch.equal(portable.generate(ids, mask, **kw), ref))
     variants["a_portable_z3"] = lambda: portable.generate(ids, mask, **kw)
@@ -122,8 +122,8 @@ def bench_generation(args, dev, dtype) -> dict:
                 torch.manual_seed(0)
                 with torch.device(dev):
                     m = AutoModelForCausalLM.from_config(cfg)
-                e = core.build_engine(m, tcfg.model_copy(update={"zero_stage": stage}), lr=1e-5, total_steps=10,
-                                      extra_config=deepspeed_he_config(args.prompt_len + args.new_tokens + 8))
+                e = build_engine(m, tcfg.model_copy(update={"zero_stage": stage}), lr=1e-5, total_steps=10,
+                                 extra_config=deepspeed_he_config(args.prompt_len + args.new_tokens + 8))
                 he = DeepSpeedHybridEngine(e)
                 res[name + "_injected"] = he.injected
                 res[name + "_equal_to_plain"] = bool(torch.equal(he.generate(ids, mask, **kw), ref))
@@ -192,11 +192,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.distributed import destroy_distributed, device, init_distributed, torch_dtype
 
-    core.init_distributed()
-    dev = core.device()
-    dtype = core.torch_dtype(args.precision)
+    init_distributed()
+    dev = device()
+    dtype = torch_dtype(args.precision)
     res = {"shape": args.shape, "precision": args.precision, "device": str(dev), "batch": args.batch,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
     if dev.type == "cuda":
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
               f"{v['experience_s']:.4f}, train {v['train_s']:.4f}), {v['samples_per_s']:.1f} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    core.destroy_distributed()
+    destroy_distributed()
     return res
 
 

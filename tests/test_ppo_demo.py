@@ -22,7 +22,8 @@ from rlhf_tasks.models import (cache_root, ensure_tiny_model, load_causal_lm, lo
 from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
 from rlhf_tasks.ppo import ppo_math as pm
 from rlhf_tasks.ppo.hybrid import left_pad
-from rlhf_tasks.training import core
+from rlhf_tasks.training.batches import pad_batch
+from rlhf_tasks.training.distributed import init_distributed
 
 pytestmark = pytest.mark.slow
 BUILDER = 1
@@ -57,7 +58,7 @@ def build_demo_models(out: Path, steps: int = 150, bs: int = 16) -> None:
             p, c = enc(fmt(r["prompt"])), enc(" " + r["chosen"]) + [tok.eos_token_id]
             seqs.append(p + c)
             labels.append([-100] * len(p) + c)
-        b = core.pad_batch(seqs, tok.pad_token_id, labels=labels)
+        b = pad_batch(seqs, tok.pad_token_id, labels=labels)
         loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         opt.zero_grad()
         loss.backward()
@@ -70,7 +71,7 @@ def build_demo_models(out: Path, steps: int = 150, bs: int = 16) -> None:
         b = rng.sample(train, bs)
         seqs = [enc(fmt(r["prompt"])) + enc(" " + r[k]) + [tok.eos_token_id] for k in ("chosen", "rejected")
                 for r in b]
-        pb = core.pad_batch(seqs, tok.pad_token_id)
+        pb = pad_batch(seqs, tok.pad_token_id)
         s = sequence_scores(rm, pb["input_ids"], pb["attention_mask"])
         loss = -torch.nn.functional.logsigmoid(s[:bs] - s[bs:]).mean()
         opt.zero_grad()
@@ -82,7 +83,7 @@ def build_demo_models(out: Path, steps: int = 150, bs: int = 16) -> None:
 
 @pytest.fixture(scope="module")
 def demo_models():
-    core.init_distributed()
+    init_distributed()
     key = hashlib.sha256(json.dumps([BUILDER, _rows()[0][:50], str(ensure_tiny_model("llama", TinyModelConfig()))])
                          .encode()).hexdigest()[:12]
     target = cache_root() / "test-ppo-demo" / key

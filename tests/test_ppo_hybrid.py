@@ -11,7 +11,8 @@ from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.models import ensure_tiny_model, lm_logits, load_causal_lm, load_tokenizer
 from rlhf_tasks.ppo import ppo_math as pm
 from rlhf_tasks.ppo.hybrid import DeepSpeedHybridEngine, PortableHybridEngine, left_pad
-from rlhf_tasks.training import core
+from rlhf_tasks.training.distributed import init_distributed
+from rlhf_tasks.training.engine import apply_lora, build_engine
 
 PROMPTS = [" Human: Describe the cat. Assistant:", " Human: How is the sea? Assistant:",
            " Human: Tell me about the old city by the river. Assistant:"]
@@ -19,7 +20,7 @@ PROMPTS = [" Human: Describe the cat. Assistant:", " Human: How is the sea? Assi
 
 @pytest.fixture(scope="module")
 def tiny():
-    core.init_distributed()
+    init_distributed()
     path = str(ensure_tiny_model("llama", TinyModelConfig()))
     tok = load_tokenizer(path, "left")
     ids, mask = left_pad([tok(p)["input_ids"] for p in PROMPTS], tok.pad_token_id)
@@ -36,7 +37,7 @@ def test_hybrid_greedy_equals_plain_generate(tiny, stage):
     path, tok, ids, mask = tiny
     model = load_causal_lm(path, dropout=0.1)
     plain = copy.deepcopy(model).eval()
-    engine = core.build_engine(model, TrainingConfig(zero_stage=stage, micro_batch_size=3), lr=1e-3, total_steps=2)
+    engine = build_engine(model, TrainingConfig(zero_stage=stage, micro_batch_size=3), lr=1e-3, total_steps=2)
     he = PortableHybridEngine(engine)
     out = he.generate(ids, mask, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id)
@@ -52,14 +53,14 @@ def test_hybrid_greedy_equals_plain_generate(tiny, stage):
 
 def test_lora_merged_for_generation_and_restored_exactly(tiny):
     path, tok, ids, mask = tiny
-    model = core.apply_lora(load_causal_lm(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = apply_lora(load_causal_lm(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(std=0.5)  # a non-trivial adapter
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref = _greedy(copy.deepcopy(model).eval(), ids, mask, tok)
-    engine = core.build_engine(model, TrainingConfig(zero_stage=0, micro_batch_size=3), lr=1e-3, total_steps=2)
+    engine = build_engine(model, TrainingConfig(zero_stage=0, micro_batch_size=3), lr=1e-3, total_steps=2)
     he = PortableHybridEngine(engine)
     with he.generation_mode() as m:
         merged = [x for x in m.modules() if hasattr(x, "merged") and x.merged]
@@ -93,6 +94,6 @@ def test_left_padding_and_scoring_positions_match_generation(tiny):
 
 def test_deepspeed_hybrid_engine_clear_error_without_cuda(tiny):
     path, *_ = tiny
-    engine = core.build_engine(load_causal_lm(path), TrainingConfig(micro_batch_size=2), lr=1e-3, total_steps=1)
+    engine = build_engine(load_causal_lm(path), TrainingConfig(micro_batch_size=2), lr=1e-3, total_steps=1)
     with pytest.raises(ConfigError, match="hybrid_engine"):
         DeepSpeedHybridEngine(engine)

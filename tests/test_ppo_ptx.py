@@ -9,12 +9,13 @@ from rlhf_tasks.data import demo
 from rlhf_tasks.models import ensure_tiny_model, lm_logits, load_tokenizer
 from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
 from rlhf_tasks.ppo import ppo_math as pm
-from rlhf_tasks.training import core
+from rlhf_tasks.training.batches import pad_batch
+from rlhf_tasks.training.distributed import init_distributed
 
 
 @pytest.fixture(scope="module")
 def batch():
-    core.init_distributed()
+    init_distributed()
     path = str(ensure_tiny_model("llama", TinyModelConfig()))
     tok = load_tokenizer(path, "left")
     rows = demo.generate(8, seed=11)
@@ -26,7 +27,7 @@ def batch():
 def target_loss(engine, tok, b) -> float:
     """LM loss of the actor on prompt + reference answer (the ptx target), right-padded."""
     seqs = [p + a for p, a in zip(b["prompt_ids"], b["chosen_ids"])]
-    pb = core.pad_batch(seqs, tok.pad_token_id)
+    pb = pad_batch(seqs, tok.pad_token_id)
     with torch.no_grad():
         logits = lm_logits(engine.actor, pb["input_ids"], pb["attention_mask"])
     return pm.lm_loss(logits, pb["input_ids"], pb["attention_mask"]).item()

@@ -11,7 +11,8 @@ from rlhf_tasks.data import demo
 from rlhf_tasks.models import ensure_tiny_model, lm_logits, load_tokenizer
 from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
 from rlhf_tasks.ppo import ppo_math as pm
-from rlhf_tasks.training import core
+from rlhf_tasks.training.checkpoint import CheckpointManager
+from rlhf_tasks.training.distributed import init_distributed, seed_everything
 
 METRICS = ("reward/score_mean", "reward/score_std", "gold/mean", "kl/ref", "entropy", "response/length",
            "response/eos_rate", "value/explained_variance", "policy/clipfrac", "value/clipfrac", "policy/approx_kl",
@@ -20,7 +21,7 @@ METRICS = ("reward/score_mean", "reward/score_std", "gold/mean", "kl/ref", "entr
 
 @pytest.fixture(scope="module")
 def tiny():
-    core.init_distributed()
+    init_distributed()
     path = str(ensure_tiny_model("llama", TinyModelConfig()))
     tok = load_tokenizer(path, "left")
     rows = demo.generate(64, seed=3)
@@ -100,11 +101,11 @@ def test_checkpoint_resume_continues_identically(tiny, local_store):
     """2 steps, checkpoint, 2 more  ==  2 steps, checkpoint, a NEW engine loads it, 2 more (adaptive KL + EMA)."""
     path, tok, batches = tiny
     cfg = small_cfg(adaptive_kl=True, kl_target=0.01, kl_horizon=100, ema_decay=0.8, ppo_epochs=1)
-    ckpt = core.CheckpointManager(local_store, "ppo", "k1", keep=1)
+    ckpt = CheckpointManager(local_store, "ppo", "k1", keep=1)
 
     engine = RLHFEngine(path, path, tokenizer=tok, config=cfg, total_steps=4)
     trainer = PPOTrainer(engine)
-    core.seed_everything(11)
+    seed_everything(11)
     _run(engine, trainer, batches[:2])
     ckpt.save(2, engine.trainable_engines(), {"trainer": trainer.state_dict()})
     straight = _run(engine, trainer, batches[2:4])

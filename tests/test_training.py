@@ -84,7 +84,7 @@ def test_reward_zero3_lora_bf16_single_process(store, data_uri, tmp_path, monkey
 
 # ---- core pieces ------------------------------------------------------------------------------------------
 def test_batches_are_disjoint_and_deterministic():
-    from rlhf_tasks.training.core import epoch_permutation, micro_batch_indices
+    from rlhf_tasks.training.batches import epoch_permutation, micro_batch_indices
 
     perm = epoch_permutation(100, 7, 0)
     assert perm == epoch_permutation(100, 7, 0) and perm != epoch_permutation(100, 7, 1)
@@ -94,7 +94,7 @@ def test_batches_are_disjoint_and_deterministic():
 
 
 def test_eval_shards_cover_every_row_once_with_equal_batch_counts():
-    from rlhf_tasks.training.core import eval_shards
+    from rlhf_tasks.training.batches import eval_shards
 
     for n, mb, world in [(10, 3, 2), (7, 4, 3), (1, 8, 2), (16, 4, 4)]:
         per_rank = [list(eval_shards(n, mb, r, world)) for r in range(world)]
@@ -104,7 +104,7 @@ def test_eval_shards_cover_every_row_once_with_equal_batch_counts():
 
 
 def test_join_truncate_keeps_response():
-    from rlhf_tasks.training.core import join_truncate
+    from rlhf_tasks.training.batches import join_truncate
 
     assert join_truncate([1, 2, 3], [4, 5], 10) == ([1, 2, 3, 4, 5], 3)
     assert join_truncate([1, 2, 3], [4, 5], 4) == ([2, 3, 4, 5], 2)
@@ -113,7 +113,7 @@ def test_join_truncate_keeps_response():
 
 def test_deepspeed_config_generation():
     from rlhf_tasks.config import TrainingConfig
-    from rlhf_tasks.training.core import deepspeed_config
+    from rlhf_tasks.training.engine import deepspeed_config
 
     c = deepspeed_config(TrainingConfig(zero_stage=3, offload=True, precision="bf16", micro_batch_size=2,
                                         grad_accum=4), world_size=2)
@@ -143,7 +143,7 @@ def test_pairwise_loss_values():
 
 def test_checkpoint_load_refuses_pickled_code(tmp_path, monkeypatch):
     """A tampered checkpoint file holding a pickled callable is rejected, not executed."""
-    from rlhf_tasks.training.core import weights_only_torch_load
+    from rlhf_tasks.training.deepspeed_internals import weights_only_torch_load
 
     class Evil:
         def __reduce__(self):
@@ -162,14 +162,14 @@ def test_checkpoint_load_refuses_pickled_code(tmp_path, monkeypatch):
 @pytest.fixture
 def single_process_group(monkeypatch):
     from rlhf_tasks.launch import free_port
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.distributed import destroy_distributed, init_distributed
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
-    core.init_distributed()
+    init_distributed()
     yield
-    core.destroy_distributed()
+    destroy_distributed()
 
 
 def test_checkpoint_manager_roundtrip_prune_and_fallback(any_store, single_process_group, tmp_path):
@@ -177,18 +177,20 @@ def test_checkpoint_manager_roundtrip_prune_and_fallback(any_store, single_proce
     restores its weights, optimizer step count and RNG stream. Runs on a local folder and on S3 (moto)."""
     from rlhf_tasks import models
     from rlhf_tasks.config import TinyModelConfig, TrainingConfig
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.checkpoint import CheckpointManager
+    from rlhf_tasks.training.distributed import seed_everything
+    from rlhf_tasks.training.engine import build_engine
 
     path = models.ensure_tiny_model("llama", TinyModelConfig())
     tcfg = TrainingConfig(zero_stage=2, micro_batch_size=2)
 
     def engine():
-        core.seed_everything(0)
-        return core.build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=10)
+        seed_everything(0)
+        return build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=10)
 
     eng = engine()
     ids = torch.randint(5, 100, (2, 8))
-    cm = core.CheckpointManager(any_store, "sft", "k" * 24, staging_dir=tmp_path / "staging", keep=2)
+    cm = CheckpointManager(any_store, "sft", "k" * 24, staging_dir=tmp_path / "staging", keep=2)
     snap = {}
     for step in (1, 2, 3):
         loss = eng(input_ids=ids, labels=ids).loss
@@ -216,17 +218,17 @@ def test_frozen_engine_for_reference_models(zero, single_process_group):
     """trainable=False: no optimizer, frozen, eval mode; forwards work at ZeRO-0 and ZeRO-3 (PPO's ref/reward)."""
     from rlhf_tasks import models
     from rlhf_tasks.config import TinyModelConfig, TrainingConfig
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.engine import build_engine, plain_hf_model
 
     path = models.ensure_tiny_model("llama", TinyModelConfig())
-    eng = core.build_engine(models.load_score_model(str(path)), TrainingConfig(zero_stage=zero), trainable=False,
-                            extra_config={"steps_per_print": 7})
+    eng = build_engine(models.load_score_model(str(path)), TrainingConfig(zero_stage=zero), trainable=False,
+                       extra_config={"steps_per_print": 7})
     assert eng.steps_per_print() == 7
     assert getattr(eng, "basic_optimizer", None) is None and eng.lr_scheduler is None and not eng.module.training
     assert not any(p.requires_grad for p in eng.module.parameters())
     ids = torch.randint(5, 100, (2, 6))
     with torch.no_grad():
-        scores = models.sequence_scores(core.unwrap(eng), ids, torch.ones_like(ids))
+        scores = models.sequence_scores(plain_hf_model(eng), ids, torch.ones_like(ids))
     assert scores.shape == (2,)
 
 
@@ -257,11 +259,11 @@ def test_deepspeed_adam_optional(single_process_group):
     """optim.optimizer=deepspeed_adam: DeepSpeed builds its own Adam (JIT-compiled once, ~50-130 s on 2 cores)."""
     from rlhf_tasks import models
     from rlhf_tasks.config import TinyModelConfig, TrainingConfig
-    from rlhf_tasks.training import core
+    from rlhf_tasks.training.engine import build_engine
 
     path = models.ensure_tiny_model("llama", TinyModelConfig())
     tcfg = TrainingConfig(zero_stage=2, micro_batch_size=2, optim={"optimizer": "deepspeed_adam", "lr": 1e-2})
-    eng = core.build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=5)
+    eng = build_engine(models.load_causal_lm(str(path)), tcfg, total_steps=5)
     assert not isinstance(eng.basic_optimizer, torch.optim.AdamW)
     ids = torch.randint(5, 100, (2, 8))
     losses = []

@@ -20,7 +20,9 @@ import torch
 from ..config.stages import PPOConfig
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_score_model, load_tokenizer, sequence_scores, set_dropout, token_values
-from ..training import core
+from ..training.distributed import barrier, device, init_distributed, seed_everything
+from ..training.engine import apply_lora, build_engine, enable_gradient_checkpointing, is_peft, plain_hf_model
+from ..training.export import full_state_dict, save_hf
 from .hybrid import deepspeed_he_config, make_hybrid_engine
 
 
@@ -87,7 +89,7 @@ class ActorEMA:
     `CheckpointManager` saves and restores it with the other engines."""
 
     def __init__(self, actor_engine, decay: float, rank: int):
-        if core.is_peft(actor_engine.module):
+        if is_peft(actor_engine.module):
             raise ConfigError("ppo.ema_decay with LoRA on the actor is not supported (EMA of merged weights)")
         self.actor, self.decay, self.rank = actor_engine, decay, rank
         self.shadow: dict[str, torch.Tensor] = {}
@@ -111,7 +113,7 @@ class ActorEMA:
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor] | None:
         """Full model state dict with the EMA weights (rank 0; None elsewhere). Every rank must call this."""
-        sd = core.full_state_dict(self.actor, self.rank)
+        sd = full_state_dict(self.actor, self.rank)
         if sd is None:
             return None
         for n, t in self.shadow.items():
@@ -123,10 +125,10 @@ class ActorEMA:
         sd = self.state_dict_for_save()
         if self.rank == 0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            core.unwrap(self.actor.module).save_pretrained(out_dir, state_dict=sd)
+            plain_hf_model(self.actor.module).save_pretrained(out_dir, state_dict=sd)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
-        core.barrier()
+        barrier()
 
     # engine checkpoint protocol (CheckpointManager)
     def save_checkpoint(self, save_dir: str, tag: str, client_state=None, save_latest=False) -> None:  # noqa: ARG002
@@ -163,9 +165,9 @@ class RLHFEngine:
     def __init__(self, actor, reward, critic=None, ref=None, tokenizer=None, config: PPOConfig | None = None, *,
                  total_steps: int | None = None, world_size: int | None = None):
         self.config = cfg = config or PPOConfig()
-        self.rank, world = core.init_distributed()
+        self.rank, world = init_distributed()
         self.world_size = world_size or world
-        self.device = core.device()
+        self.device = device()
         actor_path = str(actor) if isinstance(actor, (str, Path)) else None
         reward_path = str(reward) if isinstance(reward, (str, Path)) else None
         if tokenizer is None:
@@ -174,7 +176,7 @@ class RLHFEngine:
             tokenizer = load_tokenizer(actor_path, padding_side="left")
         self.tokenizer = tokenizer
 
-        core.seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         actor_m = _as_module(actor, load_causal_lm)
         reward_m = _as_module(reward, load_score_model)
         if critic is None:
@@ -197,7 +199,7 @@ class RLHFEngine:
         actor_t = _train_cfg(cfg.actor, cfg.mini_batch_size)
         critic_t = _train_cfg(cfg.critic, cfg.mini_batch_size)
 
-        actor_m = core.apply_lora(actor_m, cfg.actor.lora)
+        actor_m = apply_lora(actor_m, cfg.actor.lora)
         he_extra = None
         if cfg.hybrid_engine == "deepspeed":
             from .hybrid import check_deepspeed_he_supported
@@ -206,19 +208,19 @@ class RLHFEngine:
             he_extra = deepspeed_he_config(cfg.max_new_tokens + 512, cfg.inference_tp_size,
                                            cfg.tp_gather_partition_size, cfg.release_inference_cache,
                                            cfg.pin_parameters)
-        self.actor = core.build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
-                                       world_size=self.world_size, extra_config=he_extra)
-        critic_m = core.apply_lora(critic_m, cfg.critic.lora)
+        self.actor = build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
+                                  world_size=self.world_size, extra_config=he_extra)
+        critic_m = apply_lora(critic_m, cfg.critic.lora)
         if critic_t.gradient_checkpointing:  # on the inner model: the wrapper has no HF checkpointing switch
-            core.enable_gradient_checkpointing(critic_m)
+            enable_gradient_checkpointing(critic_m)
             critic_t = critic_t.model_copy(update={"gradient_checkpointing": False})
-        self.critic = core.build_engine(ScoreHead(critic_m, "tokens"), critic_t, lr=cfg.critic_lr,
-                                        total_steps=opt_steps, world_size=self.world_size)
+        self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, lr=cfg.critic_lr,
+                                   total_steps=opt_steps, world_size=self.world_size)
         ref_t = actor_t.model_copy(update={"offload": cfg.offload_reference or actor_t.offload})
         reward_t = critic_t.model_copy(update={"offload": cfg.offload_reward or critic_t.offload})
-        self.ref = core.build_engine(ref_m, ref_t, world_size=self.world_size, trainable=False)
-        self.reward = core.build_engine(ScoreHead(reward_m, "sequence"), reward_t, world_size=self.world_size,
-                                        trainable=False)
+        self.ref = build_engine(ref_m, ref_t, world_size=self.world_size, trainable=False)
+        self.reward = build_engine(ScoreHead(reward_m, "sequence"), reward_t, world_size=self.world_size,
+                                   trainable=False)
         if cfg.offload_reference and ref_t.zero_stage != 3:
             self.ref = Offloaded(self.ref, self.device)
         if cfg.offload_reward and reward_t.zero_stage != 3:
@@ -246,5 +248,5 @@ class RLHFEngine:
     def save_actor(self, out_dir: str | Path) -> None:
         """Consolidated HF folders: `out_dir` (actor) and, with an EMA, `out_dir/../ema`. All ranks call this."""
         cfg = self.config
-        core.save_hf(self.actor, self.tokenizer, out_dir, self.rank,
-                     keep_adapter=cfg.actor.lora.r > 0 and not cfg.actor.lora.merge)
+        save_hf(self.actor, self.tokenizer, out_dir, self.rank,
+                keep_adapter=cfg.actor.lora.r > 0 and not cfg.actor.lora.merge)

@@ -23,8 +23,8 @@ from ..errors import ConfigError
 from ..models import pad_token_lists
 
 
-def unwrap(engine) -> torch.nn.Module:
-    """The nn.Module inside a DeepSpeed engine (or the module itself)."""
+def engine_module(engine) -> torch.nn.Module:
+    """The nn.Module inside a DeepSpeed engine (or the module itself); a peft wrapper stays (LoRA merges need it)."""
     return engine.module if _is_ds_engine(engine) else engine
 
 
@@ -40,7 +40,7 @@ def is_zero3(engine) -> bool:
     """True when the model's parameters are ZeRO-3 partitioned (training engine or ZeRO-3 inference engine)."""
     if _is_ds_engine(engine) and engine.zero_optimization_stage() == 3:
         return True
-    return any(hasattr(p, "ds_id") for p in unwrap(engine).parameters())
+    return any(hasattr(p, "ds_id") for p in engine_module(engine).parameters())
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ class HybridEngine:
 
     def __init__(self, engine):
         self.engine = engine
-        self.module = unwrap(engine)
+        self.module = engine_module(engine)
         self.last_gather_s = 0.0
 
     @contextlib.contextmanager
@@ -145,7 +145,7 @@ def inference_forward(engine) -> Iterator[None]:
             return
         from deepspeed.runtime.zero import GatheredParameters
 
-        with GatheredParameters(list(unwrap(engine).parameters()), modifier_rank=None), \
+        with GatheredParameters(list(engine_module(engine).parameters()), modifier_rank=None), \
                 zero3_hooks_suspended(engine):
             yield
         return
@@ -186,7 +186,7 @@ def zero3_hooks_suspended(engine):
         handles.append(offload.fwd_pre_hook)
     handles += _engine_hook_handles(engine)
     # ZeRO-3 also swaps every module's parameter dict for one whose getter checks/fetches on each access
-    swapped = [(m, m._parameters) for m in unwrap(engine).modules()
+    swapped = [(m, m._parameters) for m in engine_module(engine).modules()
                if type(m._parameters).__name__ == "ZeROOrderedDict"] if offload is not None else []
     for m, d in swapped:
         m._parameters = dict(d.items())

@@ -18,7 +18,11 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..models import load_tokenizer
-from ..training import core
+from ..training.batches import epoch_permutation, micro_batch_indices
+from ..training.checkpoint import CheckpointManager
+from ..training.distributed import barrier, destroy_distributed, local_first, seed_everything
+from ..training.examples import stage_setup
+from ..training.metrics import MetricsLogger, peak_memory_mb
 from .engine import RLHFEngine
 from .trainer import PPOTrainer
 
@@ -39,8 +43,8 @@ class PromptSchedule:
 
     def rows(self, step: int) -> list[list[int]]:
         epoch, pos = divmod(step - 1, self.steps_per_epoch)
-        perm = core.epoch_permutation(self.n, self.seed, epoch)
-        return [core.micro_batch_indices(perm, pos, g, self.batch, self.gen_batches, self.world, self.rank)
+        perm = epoch_permutation(self.n, self.seed, epoch)
+        return [micro_batch_indices(perm, pos, g, self.batch, self.gen_batches, self.world, self.rank)
                 for g in range(self.gen_batches)]
 
 
@@ -95,19 +99,19 @@ def summarize(history: list[dict], total: int, start_step: int, world: int, wall
 
 
 def run(spec) -> dict:
-    ctx = core.stage_setup(spec)
+    ctx = stage_setup(spec)
     try:
         return train_ppo(spec, ctx)
     finally:
-        core.destroy_distributed()
+        destroy_distributed()
 
 
 def train_ppo(spec, ctx) -> dict:
     t_start = time.time()
     cfg = ctx.cfg.ppo
     rank, world, store = ctx.rank, ctx.world, ctx.store
-    sft_dir = str(core.local_first(lambda: store.get_uri(spec.inputs["sft"])))
-    reward_dir = str(core.local_first(lambda: store.get_uri(spec.inputs["reward"])))
+    sft_dir = str(local_first(lambda: store.get_uri(spec.inputs["sft"])))
+    reward_dir = str(local_first(lambda: store.get_uri(spec.inputs["reward"])))
     tokenizer = load_tokenizer(sft_dir, padding_side="left")
     check_same_vocab(tokenizer, reward_dir)
     cols = load_prompts(ctx.data_dir)
@@ -124,10 +128,10 @@ def train_ppo(spec, ctx) -> dict:
     if rank == 0:
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
-    core.barrier()
-    ckpt = core.CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
-                                  keep=cfg.actor.keep_checkpoints)
-    logger = core.MetricsLogger(out_dir, rank, prefix="ppo", total_steps=total)
+    barrier()
+    ckpt = CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
+                             keep=cfg.actor.keep_checkpoints)
+    logger = MetricsLogger(out_dir, rank, prefix="ppo", total_steps=total)
     start_step, elapsed_before = 0, 0.0
     found = ckpt.latest()
     if found:
@@ -138,7 +142,7 @@ def train_ppo(spec, ctx) -> dict:
         if rank == 0:
             print(f"[ppo] resumed from checkpoint step {start_step} of {total}", flush=True)
     else:
-        core.seed_everything(cfg.seed + 7919 * rank)  # per-rank sampling streams, restored on resume
+        seed_everything(cfg.seed + 7919 * rank)  # per-rank sampling streams, restored on resume
 
     for step in range(start_step + 1, total + 1):
         batches = [make_batch(cols, rows, with_ptx) for rows in sched.rows(step)]
@@ -154,7 +158,7 @@ def train_ppo(spec, ctx) -> dict:
     if engine.ema is not None:
         engine.ema.save_hf(tokenizer, out_dir / "ema")
     summary = summarize(logger.history, total, start_step, world, elapsed_before + time.time() - t_start)
-    summary["peak_mem_mb"] = round(core.peak_memory_mb(), 1)
+    summary["peak_mem_mb"] = round(peak_memory_mb(), 1)
     logger.write(out_dir / "metrics.json", summary)
     logger.close()
     if rank == 0:
@@ -162,5 +166,5 @@ def train_ppo(spec, ctx) -> dict:
 
         uri = commit_stage_output(spec, out_dir, summary)
         print(f"[ppo] committed {uri}", flush=True)
-    core.barrier()
+    barrier()
     return summary

@@ -19,7 +19,8 @@ import torch
 
 from ..config.stages import PPOConfig
 from ..models import lm_logits
-from ..training import core
+from ..training.batches import pad_batch
+from ..training.distributed import all_reduce_sum, rank_world
 from . import ppo_math as pm
 from .hybrid import inference_forward, left_pad
 
@@ -204,7 +205,7 @@ class PPOTrainer:
         if cfg.ptx_coef > 0 and batch.get("chosen_ids"):
             full = [list(p) + list(c) for p, c in zip(batch["prompt_ids"], batch["chosen_ids"]) if c]
             if full:
-                pb = core.pad_batch(full, self.pad_id, dev=dev)
+                pb = pad_batch(full, self.pad_id, dev=dev)
                 ptx = {"input_ids": pb["input_ids"], "attention_mask": pb["attention_mask"]}
 
         n_tokens = rmask.sum().item()
@@ -337,12 +338,12 @@ def _chunks(rows: list[int], size: int) -> list[list[int]]:
 
 def reduce_stats(stats: dict) -> dict:
     """Mean of every metric over processes (keys missing on some rank, e.g. gold, are averaged where present)."""
-    rank, world = core.rank_world()
+    rank, world = rank_world()
     keys = sorted(stats)
     if world == 1:
         return {k: float(stats[k]) for k in keys}
     import math
 
     vals = [float(stats[k]) if math.isfinite(float(stats[k])) else 0.0 for k in keys]
-    sums = core.all_reduce_sum(vals)
+    sums = all_reduce_sum(vals)
     return {k: s / world for k, s in zip(keys, sums)}

@@ -1,1 +1,13 @@
-"""DeepSpeed training: the shared core (`core`), the SFT stage (`sft`) and the reward-model stage (`reward`)."""
+"""DeepSpeed training: the core shared by SFT, the reward model and PPO (one module per concern), and the SFT
+(`sft`) and reward-model (`reward`) stages.
+
+  distributed           process group alone or under a launcher, rank/world, device, collectives, seeding
+  engine                the generated DeepSpeed config, `build_engine`, LoRA, gradient checkpointing
+  deepspeed_internals   every patch of DeepSpeed's (and torch's) private internals, each with its guard
+  export                `save_hf`: a consolidated plain HF folder (ZeRO-3 gathered, LoRA merged, safetensors)
+  checkpoint            `CheckpointManager`: full training checkpoints in the store, resume from the newest good one
+  metrics               `MetricsLogger`: progress lines, history, TensorBoard, metrics.json
+  batches               deterministic sharded batches, padding, truncation
+  loop                  `run_training_stage`: the SFT/RM step loop with eval, checkpoints and resume
+  examples              stage job setup and token ids of one data phase/split
+"""

@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from ..models import load_score_model, load_tokenizer, sequence_scores
-from . import core
+from .batches import eval_shards, join_truncate, pad_batch
+from .distributed import all_reduce_sum, destroy_distributed, device, seed_everything
+from .engine import apply_lora, plain_hf_model
+from .examples import StageContext, load_examples, resolve_model_path, stage_setup
+from .loop import StageTask, run_training_stage
 
 
 def pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of a pair batch laid out as [chosen..., rejected...] -> (r_chosen [B], r_rejected [B])."""
-    scores = sequence_scores(core.unwrap(engine), batch["input_ids"], batch["attention_mask"]).float()
+    scores = sequence_scores(plain_hf_model(engine), batch["input_ids"], batch["attention_mask"]).float()
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
@@ -25,23 +29,23 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
 
 
 class RewardTask:
-    """Pair batches, loss and eval of the reward stage for `core.train_stage`."""
+    """Pair batches, loss and eval of the reward stage for `run_training_stage`."""
 
-    def __init__(self, ctx: core.StageContext, tokenizer, train: dict, evals: dict):
+    def __init__(self, ctx: StageContext, tokenizer, train: dict, evals: dict):
         tcfg = ctx.cfg.reward
         self.tcfg, self.tok, self.rank, self.world = tcfg, tokenizer, ctx.rank, ctx.world
-        self.dev = core.device()
+        self.dev = device()
         self.train = self._pairs(train)
         self.eval = self._pairs(evals)
 
     def _pairs(self, d: dict) -> list[tuple[list[int], list[int]]]:
         L = self.tcfg.max_seq_len
-        return [(core.join_truncate(p, c, L)[0], core.join_truncate(p, r, L)[0])
+        return [(join_truncate(p, c, L)[0], join_truncate(p, r, L)[0])
                 for p, c, r in zip(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"])]
 
     def batch(self, pairs, rows: list[int]) -> dict[str, torch.Tensor]:
         seqs = [pairs[i][0] for i in rows] + [pairs[i][1] for i in rows]
-        return core.pad_batch(seqs, self.tok.pad_token_id, dev=self.dev)
+        return pad_batch(seqs, self.tok.pad_token_id, dev=self.dev)
 
     def loss(self, engine, rows: list[int]):
         rc, rr = pair_scores(engine, self.batch(self.train, rows))
@@ -53,35 +57,35 @@ class RewardTask:
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         sums = [0.0] * 6  # n, correct, sum chosen, sum rejected, sum loss, sum margin
-        for rows, valid in core.eval_shards(len(self.eval), self.tcfg.micro_batch_size, self.rank, self.world):
+        for rows, valid in eval_shards(len(self.eval), self.tcfg.micro_batch_size, self.rank, self.world):
             rc, rr = pair_scores(engine, self.batch(self.eval, rows))
             v = torch.tensor(valid, dtype=torch.float32, device=rc.device)
             losses = -F.logsigmoid(rc - rr)
             for j, x in enumerate([v, (rc > rr).float() * v, rc * v, rr * v, losses * v, (rc - rr) * v]):
                 sums[j] += x.sum().item()
-        n, correct, sc, sr, sl, sm = core.all_reduce_sum(sums)
+        n, correct, sc, sr, sl, sm = all_reduce_sum(sums)
         n = max(n, 1.0)
         return {"accuracy": correct / n, "mean_chosen": sc / n, "mean_rejected": sr / n, "margin": sm / n,
                 "loss": sl / n}
 
 
 def run(spec) -> dict:
-    ctx = core.stage_setup(spec)
+    ctx = stage_setup(spec)
     tcfg = ctx.cfg.reward
-    core.seed_everything(tcfg.seed)
+    seed_everything(tcfg.seed)
     models = ctx.cfg.models
-    path = core.resolve_model_path(models.reward or models.actor, ctx)
+    path = resolve_model_path(models.reward or models.actor, ctx)
     tokenizer = load_tokenizer(path, padding_side="right")
     model = load_score_model(path, dtype=torch.float32, dropout=tcfg.dropout, head_init_std=tcfg.head_init_std)
     model.config.use_cache = False
-    model = core.apply_lora(model, tcfg.lora)
+    model = apply_lora(model, tcfg.lora)
     cols = ("chosen", "rejected")
-    train = core.load_examples(ctx, "reward", "train", tokenizer, cols)
-    evals = core.load_examples(ctx, "reward", "eval", tokenizer, cols)
+    train = load_examples(ctx, "reward", "train", tokenizer, cols)
+    evals = load_examples(ctx, "reward", "eval", tokenizer, cols)
     task = RewardTask(ctx, tokenizer, train, evals)
     try:
-        return core.train_stage(spec, core.StageTask(
+        return run_training_stage(spec, StageTask(
             name="reward", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train),
             loss=task.loss, evaluate=task.evaluate, tokens=task.tokens))
     finally:
-        core.destroy_distributed()
+        destroy_distributed()

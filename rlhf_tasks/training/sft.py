@@ -7,7 +7,11 @@ import math
 import torch
 
 from ..models import lm_logits, load_causal_lm, load_tokenizer
-from . import core
+from .batches import eval_shards, join_truncate, pad_batch
+from .distributed import all_reduce_sum, destroy_distributed, device, seed_everything
+from .engine import apply_lora
+from .examples import StageContext, load_examples, resolve_model_path, stage_setup
+from .loop import StageTask, run_training_stage
 
 
 def build_sequences(prompts: list[list[int]], responses: list[list[int]], max_len: int,
@@ -15,7 +19,7 @@ def build_sequences(prompts: list[list[int]], responses: list[list[int]], max_le
     """Input ids and labels (-100 where no loss is taken) per example."""
     seqs, labels = [], []
     for p, r in zip(prompts, responses):
-        ids, n_prompt = core.join_truncate(p, r, max_len)
+        ids, n_prompt = join_truncate(p, r, max_len)
         seqs.append(ids)
         labels.append(list(ids) if train_on_prompt else [-100] * n_prompt + ids[n_prompt:])
     return seqs, labels
@@ -32,18 +36,18 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 
 class SFTTask:
-    """Batches, loss and eval of the SFT stage for `core.train_stage`."""
+    """Batches, loss and eval of the SFT stage for `run_training_stage`."""
 
-    def __init__(self, ctx: core.StageContext, tokenizer, train: dict, evals: dict):
+    def __init__(self, ctx: StageContext, tokenizer, train: dict, evals: dict):
         tcfg = ctx.cfg.sft
         self.tcfg, self.tok, self.rank, self.world = tcfg, tokenizer, ctx.rank, ctx.world
-        self.dev = core.device()
+        self.dev = device()
         self.train = build_sequences(train["prompt_ids"], train["chosen_ids"], tcfg.max_seq_len, tcfg.train_on_prompt)
         self.eval = build_sequences(evals["prompt_ids"], evals["chosen_ids"], tcfg.max_seq_len, tcfg.train_on_prompt)
 
     def batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
         seqs, labels = data
-        return core.pad_batch([seqs[i] for i in rows], self.tok.pad_token_id, [labels[i] for i in rows], self.dev)
+        return pad_batch([seqs[i] for i in rows], self.tok.pad_token_id, [labels[i] for i in rows], self.dev)
 
     def loss(self, engine, rows: list[int]):
         total, count = token_nll(engine, self.batch(self.train, rows))
@@ -55,31 +59,31 @@ class SFTTask:
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         nll, count = 0.0, 0.0
-        for rows, valid in core.eval_shards(len(self.eval[0]), self.tcfg.micro_batch_size, self.rank, self.world):
+        for rows, valid in eval_shards(len(self.eval[0]), self.tcfg.micro_batch_size, self.rank, self.world):
             batch = self.batch(self.eval, rows)
             batch["labels"][~torch.tensor(valid, device=self.dev)] = -100
             s, c = token_nll(engine, batch)
             nll, count = nll + s.item(), count + c.item()
-        nll, count = core.all_reduce_sum([nll, count])
+        nll, count = all_reduce_sum([nll, count])
         loss = nll / max(count, 1.0)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
 def run(spec) -> dict:
-    ctx = core.stage_setup(spec)
+    ctx = stage_setup(spec)
     tcfg = ctx.cfg.sft
-    core.seed_everything(tcfg.seed)
-    path = core.resolve_model_path(ctx.cfg.models.actor, ctx)
+    seed_everything(tcfg.seed)
+    path = resolve_model_path(ctx.cfg.models.actor, ctx)
     tokenizer = load_tokenizer(path, padding_side="right")
     model = load_causal_lm(path, dtype=torch.float32, dropout=tcfg.dropout)
     model.config.use_cache = False
-    model = core.apply_lora(model, tcfg.lora)
-    train = core.load_examples(ctx, "sft", "train", tokenizer)
-    evals = core.load_examples(ctx, "sft", "eval", tokenizer)
+    model = apply_lora(model, tcfg.lora)
+    train = load_examples(ctx, "sft", "train", tokenizer)
+    evals = load_examples(ctx, "sft", "eval", tokenizer)
     task = SFTTask(ctx, tokenizer, train, evals)
     try:
-        return core.train_stage(spec, core.StageTask(
+        return run_training_stage(spec, StageTask(
             name="sft", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train[0]),
             loss=task.loss, evaluate=task.evaluate, tokens=task.tokens))
     finally:
-        core.destroy_distributed()
+        destroy_distributed()

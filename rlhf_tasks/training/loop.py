@@ -1,0 +1,148 @@
+"""The shared step loop of SFT and the reward model: deterministic sharded batches, periodic eval, checkpoints,
+resume, final eval, HF folder + metrics.json committed as the stage artifact."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DataError
+from .batches import epoch_permutation, micro_batch_indices
+from .checkpoint import CheckpointManager
+from .distributed import all_reduce_sum, barrier, rank_world, seed_everything
+from .engine import build_engine
+from .export import save_hf
+from .metrics import MetricsLogger, peak_memory_mb
+
+
+@dataclass
+class StageTask:
+    """What a stage plugs into `run_training_stage`.
+
+    `loss(engine, rows)` returns (loss tensor, {name: float}) for one micro-batch of training rows (indices);
+    `evaluate(engine)` runs the full eval on all ranks and returns reduced metrics (same on every rank);
+    `tokens(rows)` counts real tokens of a micro-batch (throughput)."""
+
+    name: str
+    tcfg: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    n_train: int
+    loss: Callable[[Any, list[int]], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[Any], dict[str, float]]
+    tokens: Callable[[list[int]], int]
+
+
+def plan_steps(tcfg, n_train: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) for `n_train` rows."""
+    per_step = tcfg.micro_batch_size * tcfg.grad_accum * world
+    spe = n_train // per_step
+    if spe == 0:
+        raise DataError(f"training split: {n_train} rows, but one optimizer step needs {per_step} "
+                        f"(micro_batch_size x grad_accum x processes)")
+    total = spe * tcfg.epochs
+    if tcfg.max_steps:
+        total = min(total, tcfg.max_steps)
+    return spe, total
+
+
+def run_training_stage(spec, task: StageTask) -> dict:
+    """Train `task` under DeepSpeed: resume from the latest checkpoint of `spec.key` if one verifies, else
+    evaluate first; then the step loop with periodic eval and checkpoints; final eval; HF folder + metrics.json
+    committed as the stage artifact on rank 0. Returns the flat summary."""
+    t_start = time.time()
+    tcfg = task.tcfg
+    rank, world = rank_world()
+    spe, total = plan_steps(tcfg, task.n_train, world)
+    engine = build_engine(task.model, tcfg, total_steps=total, world_size=world)
+    run_dir = Path(spec.run_dir or ".")
+    out_dir = run_dir / "output"
+    if rank == 0:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+    barrier()
+    store = spec.open_store()
+    ckpt = CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
+                             keep=tcfg.keep_checkpoints)
+    logger = MetricsLogger(out_dir, rank, prefix=task.name, total_steps=total)
+    start_step, elapsed_before, eval_before = 0, 0.0, None
+    found = ckpt.latest()
+    if found:
+        state = ckpt.load(found[1], {"model": engine})
+        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        eval_before = state["eval_before"]
+        logger.restore(state["history"])
+        if rank == 0:
+            print(f"[{task.name}] resumed from checkpoint step {start_step} of {total}", flush=True)
+    else:
+        seed_everything(tcfg.seed + 7919 * rank)  # per-rank dropout streams, reproducible on resume
+        engine.eval()
+        eval_before = task.evaluate(engine)
+        logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
+
+    tokens_done, train_time = 0, 0.0
+    last = {}
+    for step in range(start_step + 1, total + 1):
+        epoch, pos = divmod(step - 1, spe)
+        perm = epoch_permutation(task.n_train, tcfg.seed, epoch)
+        engine.train()
+        t0 = time.time()
+        lr = engine.get_lr()[0] if engine.lr_scheduler is not None else tcfg.optim.lr
+        sums: dict[str, float] = {}
+        ntok = 0
+        for micro in range(tcfg.grad_accum):
+            rows = micro_batch_indices(perm, pos, micro, tcfg.micro_batch_size, tcfg.grad_accum, world, rank)
+            loss, extra = task.loss(engine, rows)
+            engine.backward(loss)
+            engine.step()
+            for k, v in {"loss": loss.item(), **extra}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            ntok += task.tokens(rows)
+        names = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in names] + [float(ntok)])
+        dt = time.time() - t0
+        train_time += dt
+        tokens_done += int(reduced[-1])
+        last = {k: v / (tcfg.grad_accum * world) for k, v in zip(names, reduced)}
+        if step % tcfg.log_every == 0 or step == total:
+            gn = engine.get_global_grad_norm()
+            row = {**last, "lr": lr, "tokens_per_s": reduced[-1] / max(dt, 1e-9), "epoch": epoch}
+            if gn is not None:
+                row["grad_norm"] = float(gn)
+            logger.log(step, row)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
+            engine.eval()
+            logger.log(step, {f"eval/{k}": v for k, v in task.evaluate(engine).items()})
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total:
+            ckpt.save(step, {"model": engine}, {"eval_before": eval_before, "history": logger.history,
+                                                "elapsed_s": elapsed_before + time.time() - t_start,
+                                                "epoch": epoch, "position": pos + 1})
+    engine.eval()
+    eval_after = task.evaluate(engine)
+    logger.log(total, {f"eval/{k}": v for k, v in eval_after.items()})
+    save_hf(engine, task.tokenizer, out_dir, rank, keep_adapter=tcfg.lora.r > 0 and not tcfg.lora.merge)
+    summary: dict[str, Any] = {"steps": total, "resumed_from_step": start_step, "world_size": world,
+                               "wall_s": round(elapsed_before + time.time() - t_start, 3),
+                               "train_tokens_per_s": round(tokens_done / train_time, 2) if train_time else 0.0,
+                               "peak_mem_mb": round(peak_memory_mb(), 1)}
+    if "loss" in last:
+        summary["train_loss_final"] = last["loss"]
+    for k, v in eval_before.items():
+        summary[f"eval_{k}_before"] = v
+    for k, v in eval_after.items():
+        summary[f"eval_{k}"] = v
+    logger.write(out_dir / "metrics.json", summary)
+    logger.close()
+    if rank == 0:
+        from ..stages import commit_stage_output
+
+        uri = commit_stage_output(spec, out_dir, summary)
+        print(f"[{task.name}] committed {uri}", flush=True)
+        for old in ckpt.steps():  # the artifact exists: its checkpoints are garbage now
+            store.delete(ckpt.kind, ckpt.tag(old))
+    barrier()
+    return summary
