@@ -19,29 +19,11 @@ import torch
 
 from ..config.stages import PPOConfig
 from ..errors import ConfigError
-from ..models import load_causal_lm, load_score_model, load_tokenizer, sequence_scores, set_dropout, token_values
+from ..models import load_causal_lm, load_score_model, load_tokenizer, set_dropout
 from ..training.distributed import barrier, device, init_distributed, seed_everything
-from ..training.engine import apply_lora, build_engine, enable_gradient_checkpointing, is_peft, plain_hf_model
+from ..training.engine import ScoreHead, apply_lora, build_engine, is_peft, plain_hf_model
 from ..training.export import full_state_dict, save_hf
 from .hybrid import deepspeed_he_config, make_hybrid_engine
-
-
-class ScoreHead(torch.nn.Module):
-    """Wraps a score model (AutoModelForSequenceClassification) so that a DeepSpeed engine's forward returns what
-    PPO needs: per-token values [B, T] (`mode="tokens"`, the critic) or the score at the last real token [B]
-    (`mode="sequence"`, the reward model). Padding is read from the attention mask only."""
-
-    def __init__(self, model: torch.nn.Module, mode: str):
-        super().__init__()
-        self.model, self.mode = model, mode
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        fn = token_values if self.mode == "tokens" else sequence_scores
-        return fn(self.model, input_ids, attention_mask)
 
 
 def updates_per_batch(cfg: PPOConfig) -> int:
@@ -211,9 +193,6 @@ class RLHFEngine:
         self.actor = build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
                                   world_size=self.world_size, extra_config=he_extra)
         critic_m = apply_lora(critic_m, cfg.critic.lora)
-        if critic_t.gradient_checkpointing:  # on the inner model: the wrapper has no HF checkpointing switch
-            enable_gradient_checkpointing(critic_m)
-            critic_t = critic_t.model_copy(update={"gradient_checkpointing": False})
         self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, lr=cfg.critic_lr,
                                    total_steps=opt_steps, world_size=self.world_size)
         ref_t = actor_t.model_copy(update={"offload": cfg.offload_reference or actor_t.offload})

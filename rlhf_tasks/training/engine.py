@@ -1,4 +1,5 @@
-"""DeepSpeed engines: the generated DeepSpeed config, `build_engine`, LoRA (peft) and gradient checkpointing."""
+"""DeepSpeed engines: the generated DeepSpeed config, `build_engine`, LoRA (peft), gradient checkpointing and
+`ScoreHead` (a score model whose engine forward returns scores)."""
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +19,38 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def plain_hf_model(model) -> torch.nn.Module:
-    """The plain HF model inside a DeepSpeed engine and/or a peft wrapper (LoRA layers stay injected)."""
+class ScoreHead(torch.nn.Module):
+    """Wraps a score model (AutoModelForSequenceClassification, possibly inside a peft wrapper) so that a DeepSpeed
+    engine's forward returns scores: per-token values [B, T] (`mode="tokens"`, the PPO critic) or the score at the
+    last real token [B] (`mode="sequence"`, the reward model). Padding is read from the attention mask only.
+    Scores must go through the engine's forward: ZeRO-3 and gradient checkpointing hook in there."""
+
+    def __init__(self, model: torch.nn.Module, mode: str):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from ..models import sequence_scores, token_values
+
+        fn = token_values if self.mode == "tokens" else sequence_scores
+        return fn(plain_hf_model(self.model), input_ids, attention_mask)
+
+
+def trained_module(model) -> torch.nn.Module:
+    """What an engine trains, as saved: the module inside a DeepSpeed engine and/or a `ScoreHead` (a peft wrapper
+    stays, so its adapters can be merged or saved)."""
     model = getattr(model, "module", model) if hasattr(model, "zero_optimization_stage") else model
+    return model.model if isinstance(model, ScoreHead) else model
+
+
+def plain_hf_model(model) -> torch.nn.Module:
+    """The plain HF model inside a DeepSpeed engine, a `ScoreHead` and/or a peft wrapper (LoRA layers stay
+    injected)."""
+    model = trained_module(model)
     return model.get_base_model() if is_peft(model) else model
 
 
@@ -69,7 +99,7 @@ def enable_gradient_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(base, "config"):
         base.config.use_cache = False
-    if is_peft(model):
+    if is_peft(trained_module(model)):
         base.enable_input_require_grads()
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier
-from .engine import is_peft, plain_hf_model
+from .engine import is_peft, plain_hf_model, trained_module
 
 
 def full_state_dict(engine_or_model, rank: int) -> dict[str, torch.Tensor] | None:
-    """The module's complete state dict as CPU tensors on rank 0 (ZeRO-3 parameters gathered; every rank must
-    call this); None on other ranks."""
-    module = engine_or_model.module if hasattr(engine_or_model, "zero_optimization_stage") else engine_or_model
+    """The trained module's complete state dict (`trained_module`: without a `ScoreHead` prefix) as CPU tensors on
+    rank 0 (ZeRO-3 parameters gathered; every rank must call this); None on other ranks."""
+    module = trained_module(engine_or_model)
     zero3 = hasattr(engine_or_model, "zero_optimization_stage") and engine_or_model.zero_optimization_stage() == 3
     ctx = contextlib.nullcontext()
     if zero3:
@@ -31,7 +31,7 @@ def save_hf(engine, tokenizer, out_dir: str | Path, rank: int, *, keep_adapter: 
 
     ZeRO-3 parameters are gathered; LoRA adapters are merged into the base weights (with `keep_adapter` the
     unmerged adapter is also written to `adapter/`). All ranks must call this; rank 0 writes."""
-    module = engine.module if hasattr(engine, "zero_optimization_stage") else engine
+    module = trained_module(engine)
     sd = full_state_dict(engine, rank)
     if rank == 0:
         out_dir = Path(out_dir)

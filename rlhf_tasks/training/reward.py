@@ -8,17 +8,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import load_score_model, load_tokenizer, sequence_scores
+from ..models import load_score_model, load_tokenizer
 from .batches import eval_shards, join_truncate, pad_batch
 from .distributed import all_reduce_sum, destroy_distributed, device, seed_everything
-from .engine import apply_lora, plain_hf_model
+from .engine import ScoreHead, apply_lora
 from .examples import StageContext, load_examples, resolve_model_path, stage_setup
 from .loop import StageTask, run_training_stage
 
 
 def pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of a pair batch laid out as [chosen..., rejected...] -> (r_chosen [B], r_rejected [B])."""
-    scores = sequence_scores(plain_hf_model(engine), batch["input_ids"], batch["attention_mask"]).float()
+    """Scores of a pair batch laid out as [chosen..., rejected...] -> (r_chosen [B], r_rejected [B]).
+    `engine` wraps a `ScoreHead(model, "sequence")`: the forward goes through the engine (ZeRO-3, checkpointing)."""
+    scores = engine(batch["input_ids"], batch["attention_mask"]).float()
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
@@ -78,7 +79,7 @@ def run(spec) -> dict:
     tokenizer = load_tokenizer(path, padding_side="right")
     model = load_score_model(path, dtype=torch.float32, dropout=tcfg.dropout, head_init_std=tcfg.head_init_std)
     model.config.use_cache = False
-    model = apply_lora(model, tcfg.lora)
+    model = ScoreHead(apply_lora(model, tcfg.lora), "sequence")
     cols = ("chosen", "rejected")
     train = load_examples(ctx, "reward", "train", tokenizer, cols)
     evals = load_examples(ctx, "reward", "eval", tokenizer, cols)
