@@ -22,14 +22,15 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
 
+from rlhf_tasks import preflight
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
-from rlhf_tasks.errors import StageFailed
-from rlhf_tasks.stages import StagePlan, StageSpec, plan
+from rlhf_tasks.errors import ConfigError, StageFailed
+from rlhf_tasks.stages import STAGES, StagePlan, StageSpec, plan
 from rlhf_tasks.store import ArtifactStore
 
-from . import core, observe, runner, storage
+from . import observe, runner, stage_loop, storage
 
-StageName = Literal["data", "sft", "reward", "ppo", "eval"]
+StageName = Literal[STAGES]  # the same as Literal["data", "sft", ...]: the UI's choices come from rlhf_tasks.stages
 RECORD_FORMAT = "v1"  # bump to invalidate every cache record (the artifacts stay)
 
 
@@ -71,8 +72,26 @@ def stage_task(spec: dict, inputs: dict[str, str]) -> str:
     return uri
 
 
-def _retry_delays(execution: ExecutionConfig) -> list[float]:
-    return [execution.retry_delay_s * 2**i for i in range(execution.retries)]
+def _retry_policy(spec: StageSpec, execution: ExecutionConfig, logger):
+    """The stage task's `retry_condition_fn` (Prefect calls it after a failed attempt while retries remain): bad
+    input found inside the job is not retried; any other failure is, announced on the console, in the stage log
+    and in the run log, exactly as `rlhf run --no-prefect` does it (stage_loop.launch_with_retries)."""
+    delays = stage_loop.retry_delays(execution)
+    failed_attempts = 0
+
+    def should_retry(task, task_run, state) -> bool:
+        nonlocal failed_attempts
+        error = state.result(raise_on_failure=False)  # the exception of the failed attempt
+        if isinstance(error, BaseException) and not stage_loop.is_retryable(error):
+            return False
+        failed_attempts += 1
+        delay = delays[min(failed_attempts, len(delays)) - 1]
+        line = stage_loop.retry_message(spec.stage, failed_attempts, error, delay)
+        logger.info(line)
+        stage_loop.announce_retry(spec, line, observe.console)
+        return True
+
+    return should_retry
 
 
 def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineConfig:
@@ -92,23 +111,23 @@ def _flow_run_name() -> str:
         cfg = _config_param(params.get("config"), params.get("overrides"))
     except Exception:
         return f"rlhf-{uuid.uuid4().hex[:6]}"
-    return core.run_name(cfg)
+    return stage_loop.run_name(cfg)
 
 
 def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_storage, logger):
     def run_one(p: StagePlan, cached_now: bool, upstream: dict[str, str]) -> tuple[str, dict]:
-        spec = core.spec_for(cfg, store, p, name)
+        spec = stage_loop.spec_for(cfg, store, p, name)
         t = stage_task.with_options(
             name=f"stage-{p.stage}", task_run_name=p.stage, refresh_cache=not cached_now,
-            retries=cfg.execution.retries, retry_delay_seconds=_retry_delays(cfg.execution),
-            result_storage=result_storage)
+            retries=cfg.execution.retries, retry_delay_seconds=stage_loop.retry_delays(cfg.execution),
+            retry_condition_fn=_retry_policy(spec, cfg.execution, logger), result_storage=result_storage)
         state = t(spec=asdict(spec), inputs=upstream, return_state=True)
         uri = state.result()  # raises the stage's exception when it failed
         if uri != p.uri:  # a record from elsewhere can only hold this URI (content addressing); be strict anyway
             logger.warning(f"{p.stage}: cache record held {uri!r}, expected {p.uri!r}; using the store's")
             uri = p.uri
         status = "cached" if cached_now else "ran"
-        entry = core.stage_entry(store, p, status, 0.0)
+        entry = stage_loop.stage_entry(store, p, status, 0.0)
         observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger)
         if p.stage == "eval":
             observe.publish_eval_report(store, uri, cfg.experiment, logger)
@@ -120,22 +139,34 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_s
 
 @flow(name="rlhf-pipeline", flow_run_name=_flow_run_name, log_prints=False)
 def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName = "eval",
-                  overrides: Optional[list[str]] = None) -> dict:
+                  overrides: Optional[list[str]] = None, stage_plans: Optional[list[StagePlan]] = None) -> dict:
     """DeepSpeed-Chat's recipe as cached stages: data blend, SFT, reward model, PPO, evaluation.
 
     Stages whose artifact already exists in the store (same config slice, inputs and code) are reused.
-    `config` defaults to the tiny preset; `overrides` are `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"]."""
+
+    Args:
+        config: the pipeline config (defaults to the tiny preset).
+        until: the last stage to run.
+        overrides: `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"].
+        stage_plans: the checked plan `rlhf run` computed for this config (leave empty: the flow then checks the
+            inputs and plans itself).
+    """
     logger = get_run_logger()
     cfg = _config_param(config, overrides)
     store = ArtifactStore.from_config(cfg.store)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
-    name = current_flow_run.name or core.run_name(cfg)
-    with contextlib.redirect_stdout(io.StringIO()) as out:  # the validator's notes go to the run log only
-        core.validate_inputs(cfg)
-    for line in out.getvalue().splitlines():
-        logger.info(line)
-    plans = plan(cfg, store, until)
+    name = current_flow_run.name or stage_loop.run_name(cfg)
+    if stage_plans:
+        plans = stage_plans
+        if plans[-1].stage != until:
+            raise ConfigError(f"until: {until!r} but the given plan ends at {plans[-1].stage!r}")
+    else:
+        with contextlib.redirect_stdout(io.StringIO()) as out:  # the checks' notes go to the run log only
+            preflight.check_inputs(cfg)
+        for line in out.getvalue().splitlines():
+            logger.info(line)
+        plans = plan(cfg, store, until)
     for p in plans:
         logger.info(f"plan {p.stage}: {'cached' if p.cached else 'will run'} - {p.reason} ({p.key})")
     result_storage = storage.result_storage_for(store)
@@ -144,16 +175,10 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
         logger.info(line)
         observe.console(line)
 
-    try:
-        stages = core.run_stages(cfg, store, plans, name, _stage_runner(cfg, store, name, result_storage, logger),
-                                 echo)
-    except BaseException as e:
-        record = core.run_record(run_id, name, cfg, store, until, started, getattr(e, "stages", {}), "failed",
-                                 error=str(e))
-        core.save_run_record(store, record)
-        e.run_record = record  # type: ignore[attr-defined]
-        raise
-    record = core.run_record(run_id, name, cfg, store, until, started, stages, "completed")
-    uri = core.save_run_record(store, record)
-    logger.info(f"run record: {uri}")
-    return record
+    result = stage_loop.run_stages(store, plans, _stage_runner(cfg, store, name, result_storage, logger), echo)
+    stage_loop.finish_run(result, store, run_id=run_id, name=name, cfg=cfg, until=until, started=started,
+                          orchestrator="prefect")
+    if result.error is not None:
+        raise result.error  # the flow run fails (Prefect shows why); `rlhf run` reads the record from the store
+    logger.info(f"run record: {store.url}/{stage_loop.RUNS_PREFIX}/{run_id}.json")
+    return result.record

@@ -1,18 +1,23 @@
 """`rlhf`: the command line users script against. Names and flags are stable (see README).
 
+Every command's handler is here (`cmd_*`); each calls the library and prints. This is the top layer: it is the one
+module of rlhf_tasks that imports flows/ (lazily, for `plan` and `run`), and nothing imports it back.
+
 Exit codes: 0 success; 2 bad input (config, data, arguments) with one line naming the key/file/row;
-1 a stage failed (the message says which stage and where its log is).
+1 a stage failed (the message says which stage and where its log is); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 from .errors import StageFailed, StoreError, UserError
-
-STAGE_CHOICES = ["data", "sft", "reward", "ppo", "eval"]
+from .stages import STAGES
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -21,11 +26,11 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store URL (overrides store.url), e.g. ./rlhf-store or s3://b/p")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set ppo.kl_coef=0.05 (repeatable)")
-    p.add_argument("--until", choices=STAGE_CHOICES, default="eval", help="last stage to include")
+    p.add_argument("--until", choices=STAGES, default="eval", help="last stage to include")
 
 
 def load_selected_config(args):
-    """The config named by --config/--set/--store (shared by run, plan and the Prefect form)."""
+    """The config named by --config/--set/--store (run and plan)."""
     from .config import load_config
 
     overrides = list(args.overrides)
@@ -90,6 +95,160 @@ def cmd_store(args) -> int:
         print(f"{verb} {len(removed)} artifact(s)")
         return 0
     raise AssertionError(args.store_cmd)
+
+
+# ---- rlhf plan / rlhf run ---------------------------------------------------------------------------------
+_PREFERRED = ("win", "reward", "score", "kl", "acc", "loss", "rows", "steps")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def key_metrics(metrics: dict, limit: int = 4) -> str:
+    """A few headline metrics: names mentioning win/reward/kl/acc/loss first, then the rest alphabetically."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    rank = lambda k: (next((i for i, w in enumerate(_PREFERRED) if w in k.lower()), len(_PREFERRED)), k)  # noqa: E731
+    names = sorted(scalars, key=rank)[:limit]
+    more = f" (+{len(scalars) - limit})" if len(scalars) > limit else ""
+    return ", ".join(f"{k}={_fmt(scalars[k])}" for k in names) + more
+
+
+def checked_plan(args):
+    """(config, store, plan) for run and plan: load the config once, check every input (preflight), compute the
+    stage keys once. Bad input raises a UserError here, before the store is written or anything starts."""
+    from . import preflight
+    from .stages import plan
+    from .store import ArtifactStore
+
+    cfg = load_selected_config(args)
+    preflight.check_inputs(cfg)
+    store = ArtifactStore.from_config(cfg.store)
+    return cfg, store, plan(cfg, store, args.until)
+
+
+def cmd_plan(args) -> int:
+    from flows.stage_loop import run_name
+
+    as_json = getattr(args, "json", False)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # keep stdout pure JSON
+        cfg, store, plans = checked_plan(args)
+    if as_json:
+        _say(json.dumps([{"stage": p.stage, "status": "cached" if p.cached else "will-run", "key": p.key,
+                          "uri": p.uri, "reason": p.reason, "inputs": p.input_uris} for p in plans], indent=1))
+        return 0
+    _say(f"plan for {run_name(cfg)} (store {store.url}):")
+    print_table(("STAGE", "STATUS", "KEY", "REASON"),
+                [(p.stage, "cached" if p.cached else "will-run", p.key, p.reason) for p in plans])
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.cli_commands import run_with_prefect, run_without_prefect
+    from flows.stage_loop import run_name
+
+    cfg, store, plans = checked_plan(args)
+    name = run_name(cfg)
+    todo = [p.stage for p in plans if not p.cached]
+    _say(f"run {name}: {len(plans) - len(todo)} cached, {len(todo)} to run ({', '.join(todo) or 'nothing'}); "
+         f"store {store.url}")
+    t0 = time.monotonic()
+    run = run_without_prefect if getattr(args, "no_prefect", False) else run_with_prefect
+    result = run(cfg, store, plans, name, _say)
+    wall = time.monotonic() - t0
+    if result.record is not None:
+        _print_stage_table(result.record)
+        _write_summary(args.summary_json, result.record)
+    e = result.error
+    if e is not None:
+        if isinstance(e, (StageFailed, UserError, StoreError, KeyboardInterrupt)):
+            raise e
+        # Anything else from the orchestration layer: report the failing stage as a StageFailed (exit 1).
+        failed = [s for s, v in result.stages.items() if v.get("status") == "failed"]
+        if failed:
+            raise StageFailed(failed[0], f"{type(e).__name__}: {e}") from e
+        raise e
+    record = result.record
+    n_ran = sum(1 for v in record["stages"].values() if v["status"] == "ran")
+    _say(f"{record['flow_run_name']}: {n_ran} ran, {len(record['stages']) - n_ran} cached in {wall:.1f} s "
+         f"(run id {record['run_id']})")
+    return 0
+
+
+def _write_summary(path: str | None, record: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1, default=str))  # stages in pipeline order
+
+
+def _print_stage_table(record: dict) -> None:
+    rows = [(stage, v["status"], f"{v['wall_s']:.1f}", key_metrics(v.get("metrics") or {}), v["uri"])
+            for stage, v in record["stages"].items()]
+    if rows:
+        _say("")
+        print_table(("STAGE", "STATUS", "WALL_S", "METRICS", "ARTIFACT"), rows)
+
+
+# ---- rlhf report / chat / generate ----------------------------------------------------------------------
+def cmd_report(args) -> int:
+    """Regenerate report.md + plots of an eval artifact (or a run's) and print its path."""
+    from .evaluation import plots
+    from .evaluation.report import resolve_eval_dir, write_report
+    from .models import cache_root
+
+    src = resolve_eval_dir(args.target, args.store)
+    out = Path(args.out) if args.out else cache_root() / "reports" / plots.safe_name(src.name)
+    print(write_report(src, out))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    from .evaluation import chat
+    from .evaluation.stage import pick_device
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    device = pick_device()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tok, path = chat.load_policy(args.model, device)
+    session = chat.ChatSession(model, tok, chat.sampling_config(args, tok), device)
+    print(f"chatting with {path} on {device}. /reset clears the conversation, /quit (or Ctrl-D) exits.",
+          file=sys.stderr, flush=True)
+    try:
+        import readline  # noqa: F401  (line editing for input())
+    except ImportError:
+        pass
+    return chat.chat_loop(session)
+
+
+def cmd_generate(args) -> int:
+    from .evaluation import chat
+    from .evaluation.stage import pick_device
+
+    prompts = chat.read_prompts(args.prompts)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    device = pick_device()
+    model, tok, path = chat.load_policy(args.model, device)
+    t0 = time.time()
+    seed = args.seed if args.seed is not None else 0
+    records = chat.generate_answers(model, tok, prompts, chat.sampling_config(args, tok), batch_size=args.batch_size,
+                                    device=device, seed=seed)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.out in ("-", None):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(f"generated {len(records)} answers with {path} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
 
 
 def _human(n: int) -> str:
@@ -170,23 +329,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "store": cmd_store, "report": cmd_report, "chat": cmd_chat,
+            "generate": cmd_generate}
+
+
 def dispatch(args) -> int:
-    if args.cmd == "store":
-        return cmd_store(args)
-    if args.cmd in ("run", "plan"):
-        load_selected_config(args)  # bad input fails here, before Prefect or any job starts
-        from flows import cli_commands
-
-        return cli_commands.cmd_run(args) if args.cmd == "run" else cli_commands.cmd_plan(args)
-    if args.cmd == "report":
-        from .evaluation.report import cmd_report
-
-        return cmd_report(args)
-    if args.cmd in ("chat", "generate"):
-        from .evaluation import chat
-
-        return chat.cmd_chat(args) if args.cmd == "chat" else chat.cmd_generate(args)
-    raise AssertionError(args.cmd)
+    return COMMANDS[args.cmd](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,99 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+# ---- the CLI layer: rlhf_tasks.cli -> flows -> the rest of rlhf_tasks, never back ------------------------------
+def _import_graph() -> dict[str, set[str]]:
+    """module -> our modules it imports anywhere in its source (top level or inside functions), for rlhf_tasks
+    and flows. `from . import x` is an edge to the submodule x, not to the package."""
+    import ast
+
+    from conftest import ROOT
+
+    files = {}
+    for pkg in ("rlhf_tasks", "flows"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        package = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                graph[mod] |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                    if target in files and target != mod:
+                        graph[mod].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_the_old_cli_cycle():
+    graph = _import_graph()
+    graph["flows.cli_commands"].add("rlhf_tasks.cli")  # what flows/cli_commands.py used to import
+    assert any({"rlhf_tasks.cli", "flows.cli_commands"} <= set(c) for c in _cycles(graph))
+
+
+def test_cli_layer_has_no_import_cycle():
+    graph = _import_graph()
+    layer = {m for m in graph if m.startswith("flows") or m == "rlhf_tasks.cli"}
+    assert [c for c in _cycles(graph) if layer & set(c)] == []
+    assert [m for m in graph if m.startswith("flows") and "rlhf_tasks.cli" in graph[m]] == []
+    assert [m for m in graph if m.startswith("rlhf_tasks") and m != "rlhf_tasks.cli"
+            and any(t.startswith("flows") for t in graph[m])] == []
+
+
+def test_cli_and_flows_import_in_either_order_in_a_fresh_interpreter():
+    """`import flows.cli_commands` pulls in no CLI; `import rlhf_tasks.cli` pulls in neither flows nor Prefect;
+    every flows module imports before and after the CLI."""
+    from conftest import ROOT
+
+    flows_mods = sorted("flows." + f.stem for f in (ROOT / "flows").glob("*.py") if f.stem != "__init__")
+    assert "flows.cli_commands" in flows_mods
+    first_flows = ("import importlib, sys\n"
+                   f"for m in {['flows.cli_commands', *flows_mods]!r}:\n"
+                   "    importlib.import_module(m)\n"
+                   "    assert 'rlhf_tasks.cli' not in sys.modules, m\n"
+                   "import rlhf_tasks.cli\n")
+    first_cli = ("import importlib, sys\nimport rlhf_tasks.cli\n"
+                 "assert not [m for m in sys.modules if m.split('.')[0] in ('flows', 'prefect')]\n"
+                 f"for m in {flows_mods!r}:\n    importlib.import_module(m)\n")
+    for code in (first_flows, first_cli):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr

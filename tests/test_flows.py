@@ -75,7 +75,7 @@ def statuses(summary: dict) -> dict[str, str]:
 
 # ---- units ----------------------------------------------------------------------------------------------------
 def test_parse_progress_and_names():
-    from flows.core import run_name
+    from flows.stage_loop import run_name
     from flows.observe import artifact_key, parse_progress
 
     assert parse_progress("step 12/100 loss=0.5 kl=1e-3") == (12, 100, {"loss": 0.5, "kl": 0.001})
@@ -145,6 +145,38 @@ def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
     assert by_key["rlhf-sft-progress"].data == 100.0
     assert "fake_loss" in by_key["rlhf-eval-metrics"].data and "Samples" in by_key["rlhf-eval-metrics"].data
     assert first["stages"]["ppo"]["key"] in str(by_key["rlhf-ppo-artifact"].data)  # the link to the store
+
+
+def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_path, prefect_api, monkeypatch):
+    """`rlhf run` validates the data and computes the stage keys once and hands the plan to the flow; called with
+    a bare config (the UI, deployments) the flow checks and plans itself."""
+    from rlhf_tasks.data import stage as data_stage
+
+    calls = {"plan": 0, "validate": 0}
+    fingerprints, validate = stages.data_source_fingerprints, data_stage.validate_sources
+
+    def counted_fingerprints(cfg):  # plan() computes the data key from these: one call per plan
+        calls["plan"] += 1
+        return fingerprints(cfg)
+
+    def counted_validate(*args, **kwargs):
+        calls["validate"] += 1
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "data_source_fingerprints", counted_fingerprints)
+    monkeypatch.setattr(data_stage, "validate_sources", counted_validate)
+    store = tmp_path / "store"
+    first = run_cli(store, tmp_path, "--until", "sft")
+    assert statuses(first) == {"data": "ran", "sft": "ran"} and calls == {"plan": 1, "validate": 1}
+
+    from flows.pipeline import rlhf_pipeline
+
+    cfg = load_config(None, [f"store.url={store}", f"execution.runs_dir={tmp_path / 'runs'}"])
+    record = rlhf_pipeline(config=cfg, until="reward")
+    assert {s: v["status"] for s, v in record["stages"].items()} == {"data": "cached", "sft": "cached",
+                                                                      "reward": "ran"}
+    assert calls == {"plan": 2, "validate": 2}
+    assert fakes() == ["data", "sft", "reward"]
 
 
 def test_changing_a_ppo_setting_reruns_only_ppo_and_eval(fakes, tmp_path, prefect_api):

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
+from rlhf_tasks import stages
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-STAGES = ["data", "sft", "reward", "ppo", "eval"]
+STAGES = list(stages.STAGES)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

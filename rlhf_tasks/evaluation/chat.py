@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -203,22 +202,6 @@ def chat_loop(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = 
         write("\n")
 
 
-def cmd_chat(args) -> int:
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    device = pick_device()
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tok, path = load_policy(args.model, device)
-    session = ChatSession(model, tok, sampling_config(args, tok), device)
-    print(f"chatting with {path} on {device}. /reset clears the conversation, /quit (or Ctrl-D) exits.",
-          file=sys.stderr, flush=True)
-    try:
-        import readline  # noqa: F401  (line editing for input())
-    except ImportError:
-        pass
-    return chat_loop(session)
-
-
 # ---- batch generation -----------------------------------------------------------------------------------
 def read_prompts(path: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL file (a `prompt` field, or a JSON string per
@@ -261,24 +244,3 @@ def generate_answers(model, tok, prompts: list[str], gen_cfg, *, batch_size: int
         out.append({"prompt": p, "response": text.strip(), "tokens": len(r),
                     "eos": bool(r) and r[-1] == tok.eos_token_id})
     return out
-
-
-def cmd_generate(args) -> int:
-    prompts = read_prompts(args.prompts)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    device = pick_device()
-    model, tok, path = load_policy(args.model, device)
-    t0 = time.time()
-    seed = args.seed if args.seed is not None else 0
-    records = generate_answers(model, tok, prompts, sampling_config(args, tok), batch_size=args.batch_size,
-                               device=device, seed=seed)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if args.out in ("-", None):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(f"generated {len(records)} answers with {path} in {time.time() - t0:.1f}s", file=sys.stderr)
-    return 0

@@ -286,17 +286,6 @@ def resolve_eval_dir(target: str, store_url: str | None = None, endpoint_url: st
     return resolve_eval_dir(uri, store_url, endpoint_url, store)
 
 
-def cmd_report(args) -> int:
-    """`rlhf report RUN_OR_URI [--store URL] [--out DIR]`: regenerate report.md + plots and print its path."""
-    from ..models import cache_root
-
-    src = resolve_eval_dir(args.target, getattr(args, "store", None))
-    out = Path(args.out) if getattr(args, "out", None) else cache_root() / "reports" / plots.safe_name(src.name)
-    path = write_report(src, out)
-    print(path)
-    return 0
-
-
 # ---- publishing (the flow passes Prefect's functions; nothing here imports Prefect) ----------------------
 def _artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
