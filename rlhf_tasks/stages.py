@@ -36,7 +36,7 @@ STAGE_DEFS: dict[str, StageDef] = {
     "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", _TRAIN, True),
     "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", _TRAIN + ("ppo",), True),
     "eval": StageDef("eval", ("data", "sft", "reward", "ppo"), "rlhf_tasks.evaluation.stage",
-                     _COMMON + ("evaluation", "ppo", "data/demo.py", "data/gold.py", "data/artifact.py",
+                     _COMMON + ("evaluation", "ppo", "data/demo.py", "data/constraints.py", "data/gold.py", "data/artifact.py",
                                  "data/formatting.py"), False),
 }
 

@@ -372,6 +372,49 @@ def test_demo_gold_score():
         get_gold_scorer("nope")
 
 
+# ---- the constraints task (real models) -----------------------------------------------------------------
+def test_constraints_data_is_shipped_in_sync_and_leaves_a_gap():
+    from rlhf_tasks.config import SourceConfig
+    from rlhf_tasks.data import constraints
+    from rlhf_tasks.data.sources import resolve_source
+
+    shipped = [json.loads(x) for x in constraints.DATA_FILE.read_text().splitlines()]
+    assert shipped == constraints.generate()  # regenerate: scripts/make_demo_data.py --task constraints
+    assert constraints.DATA_FILE.stat().st_size < 2_000_000 and len(shipped) <= 5000
+    st = constraints.stats(shipped)
+    assert st["margin_min"] >= 0.25 and st["gold_chosen_mean"] > st["gold_rejected_mean"] + 0.3
+    assert 0.6 < st["gold_chosen_mean"] < 0.8 and st["chosen_at_top"] < 0.2  # SFT demos are a mix, not the top
+    # the modal demonstration breaks the lowercase and question rules: greedy SFT cannot reach the top
+    assert st["chosen_lowercase"] < 0.5 and st["chosen_question"] < 0.5 and st["chosen_keyword"] > 0.9
+    assert all(r["gold"] == "constraints" for r in shipped)
+    assert len({(r["prompt"], r["chosen"], r["rejected"]) for r in shipped}) == len(shipped)
+    assert not any(constraints.is_degenerate(r["chosen"]) for r in shipped)
+    r = resolve_source(SourceConfig(path="constraints"))
+    assert (r.name, r.kind, r.files["train"]) == ("constraints", "demo", [constraints.DATA_FILE])
+
+
+def test_constraints_gold_score_counts_the_prompts_rules():
+    from rlhf_tasks.data.constraints import gold_score, prompt_rules, rules_met
+    from rlhf_tasks.data.gold import get_gold_scorer
+
+    p = ('Write one sentence about the ocean. Rules: use the word "waves"; use 4 to 8 words; write only in '
+         'lowercase; end with a question mark.')
+    assert get_gold_scorer("constraints") is gold_score
+    assert prompt_rules(p) == ("waves", 4, 8)
+    assert gold_score(p, "do you love the waves of the ocean?") == 1.0
+    assert rules_met(p, "Do you love the waves of the ocean?") == {"keyword": True, "length": True,
+                                                                    "lowercase": False, "question": True}
+    assert gold_score(p, "do you love the salt of the ocean?") == 0.75  # wrong word
+    assert gold_score(p, "do you love the WAVES of the ocean.") == 0.5  # keyword in any case; capitals; no "?"
+    assert gold_score(p, "do you love the waves of the ocean when the sun goes down?") == 0.75  # 12 words
+    assert gold_score(p, "waves?") == 0.75  # too short
+    assert gold_score(p, "") == 0.0  # stopping at once meets no rule (lowercase needs letters)
+    assert gold_score(p, "waves waves waves waves?") == 0.0  # degenerate: 1 distinct word of 4
+    assert gold_score(p, "the waves and the salt and the sand of the ocean") > 0  # a few "the"s are fine
+    with pytest.raises(ValueError, match="not a constraints-task prompt"):
+        prompt_rules("Describe the cat.")
+
+
 # ---- fingerprints ----------------------------------------------------------------------------------------
 def test_fingerprints(tmp_path):
     from rlhf_tasks.config import SourceConfig

@@ -13,7 +13,7 @@ class SourceConfig(Section):
 
     path: str = Field(
         description="Local file/folder (JSON, JSONL, Parquet, CSV; DS-Chat's local/jsonfile layout), a hub name "
-        "(e.g. Dahoas/rm-static), or `demo` for the dataset shipped with the package."
+        "(e.g. Dahoas/rm-static), or a task shipped with the package: `demo` (tiny models) or `constraints` (real pretrained models)."
     )
     name: str | None = Field(None, description="Short name used in messages and metrics (default: derived from path).")
     weight: float | None = Field(
@@ -47,7 +47,7 @@ class SourceConfig(Section):
     sft_only: bool = Field(False, description="Use this source only for SFT (DS-Chat's sft_only_data_path).")
     gold: str | None = Field(
         None,
-        description="Gold scorer for this source's rows (e.g. `demo`; `none` for no gold score); default: the "
+        description="Gold scorer for this source's rows (e.g. `demo`, `constraints`; `none` for no gold score); default: the "
         "rows' own `gold` column when they have one.",
     )
     max_rows: int | None = Field(
@@ -60,7 +60,7 @@ class SourceConfig(Section):
     @classmethod
     def _absolute_local_path(cls, v: str) -> str:
         """An existing local path becomes absolute, so stage jobs (run in their own folder) read the same file."""
-        if v == "demo" or "://" in v:
+        if v in ("demo", "constraints") or "://" in v:
             return v
         p = Path(v).expanduser()
         return str(p.resolve()) if p.exists() else v

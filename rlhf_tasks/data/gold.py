@@ -35,4 +35,11 @@ def _demo() -> GoldScorer:
     return gold_score
 
 
+def _constraints() -> GoldScorer:
+    from .constraints import gold_score
+
+    return gold_score
+
+
 register_gold_scorer("demo", _demo)
+register_gold_scorer("constraints", _constraints)

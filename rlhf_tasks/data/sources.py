@@ -1,7 +1,8 @@
 """Where a source's rows come from: resolve a `SourceConfig`, fingerprint it cheaply, load its rows.
 
 A source `path` is one of
-  - `demo`: the demo dataset shipped in the package (`demo_data/demo.jsonl`);
+  - a task shipped in the package (`SHIPPED`): `demo` (demo_data/demo.jsonl, for the tiny models) or
+    `constraints` (constraints_data/constraints.jsonl, for real pretrained models);
   - a local file (.jsonl, .json, .parquet, .csv);
   - a local folder: DeepSpeed-Chat's local/jsonfile layout (`train.json` + `eval.json`, also under `data/`), or
     data files whose names start with a split name (train*, eval*/test*/validation*); other files count as train;
@@ -23,11 +24,12 @@ from pathlib import Path
 
 from ..config import SourceConfig
 from ..errors import ConfigError, DataError
-from .demo import DATA_FILE as DEMO_FILE
+from . import constraints, demo
 from .gold import known_gold_scorers
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
+SHIPPED = {"demo": demo.DATA_FILE, "constraints": constraints.DATA_FILE}  # source path -> file in the package
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -37,7 +39,7 @@ class ResolvedSource:
 
     cfg: SourceConfig
     name: str
-    kind: str  # demo | file | folder | hub
+    kind: str  # demo (a SHIPPED task) | file | folder | hub
     where: str  # config location for messages, e.g. data.sources[1]
     root: Path | None = None
     files: dict[str, list[Path]] = field(default_factory=dict)  # "train"/"eval" -> files (local kinds)
@@ -73,8 +75,9 @@ def resolve_source(src: SourceConfig, where: str = "data.sources") -> ResolvedSo
         if src.gold not in known_gold_scorers():
             raise ConfigError(f"{where}.gold: unknown gold scorer {src.gold!r} "
                               f"(known: {', '.join(known_gold_scorers())}, or none)")
-    if src.path == "demo":
-        return ResolvedSource(src, src.name or "demo", "demo", where, DEMO_FILE.parent, {"train": [DEMO_FILE]})
+    if src.path in SHIPPED:
+        shipped = SHIPPED[src.path]
+        return ResolvedSource(src, src.name or src.path, "demo", where, shipped.parent, {"train": [shipped]})
     p = Path(src.path).expanduser()
     if p.is_file():
         if p.suffix.lower() not in BUILDERS:
@@ -164,7 +167,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def fingerprint_source(src: SourceConfig) -> dict:
-    """What a data stage key records about a source: sha256 of every local file it reads (demo: the shipped file),
+    """What a data stage key records about a source: sha256 of every local file it reads (shipped tasks: their file),
     or the hub name and revision. Reads bytes only; nothing is parsed or downloaded."""
     r = resolve_source(src)
     if r.kind == "hub":
