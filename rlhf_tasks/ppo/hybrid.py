@@ -21,6 +21,8 @@ import torch
 
 from ..errors import ConfigError
 from ..models import pad_token_lists
+from ..training.deepspeed_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
+                                           hybrid_engine_tp_size, zero3_gathered_without_hooks)
 
 
 def engine_module(engine) -> torch.nn.Module:
@@ -40,7 +42,7 @@ def is_zero3(engine) -> bool:
     """True when the model's parameters are ZeRO-3 partitioned (training engine or ZeRO-3 inference engine)."""
     if _is_ds_engine(engine) and engine.zero_optimization_stage() == 3:
         return True
-    return any(hasattr(p, "ds_id") for p in engine_module(engine).parameters())
+    return has_zero3_params(engine_module(engine))
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,31 +100,26 @@ class PortableHybridEngine(HybridEngine):
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[torch.nn.Module]:
-        import time
-
         module = self.module
         was_training = module.training
         zero3 = is_zero3(self.engine)
         with contextlib.ExitStack() as stack:
             module.eval()  # dropout off
             stack.callback(module.train, was_training)
+            gathered = False
             if zero3 and self.gather_zero3:
-                from deepspeed.runtime.zero import GatheredParameters
-
-                t0 = time.perf_counter()
-                # modifier_rank=None: every rank gets the full weights; nothing is written back on exit, so LoRA
-                # merges below are discarded with the gathered copies.
-                stack.enter_context(GatheredParameters(list(module.parameters()), modifier_rank=None))
-                self.last_gather_s = time.perf_counter() - t0
-                # the weights are all here now: ZeRO-3's per-module fetch/release hooks would only add overhead
-                # to every layer of every generated token
-                stack.enter_context(zero3_hooks_suspended(self.engine))
+                # the weights are all here for the whole generation: ZeRO-3's per-module fetch/release hooks would
+                # only add overhead to every layer of every generated token. Nothing is written back on exit, so
+                # LoRA merges below are discarded with the gathered copies.
+                gather_s = stack.enter_context(zero3_gathered_without_hooks(self.engine, module))
+                gathered = gather_s is not None
+                self.last_gather_s = gather_s or 0.0
             elif not zero3:
                 # the DeepSpeed engine's own forward pre/post hooks (timers, profiler bookkeeping of a training
                 # forward) would otherwise run for every generated token
                 stack.enter_context(engine_hooks_suspended(self.engine))
             loras = _lora_layers(module)
-            if loras:
+            if loras and (gathered or not zero3):  # never merge into partitioned (empty) ZeRO-3 weights
                 stack.enter_context(_merged_lora(loras, restore_exact=not zero3))
             yield module
 
@@ -143,77 +140,11 @@ def inference_forward(engine) -> Iterator[None]:
         if offload is not None and getattr(offload, "device", "none") not in (None, "none"):
             yield  # offloaded parameters: keep DeepSpeed's layer-by-layer fetching (bounded device memory)
             return
-        from deepspeed.runtime.zero import GatheredParameters
-
-        with GatheredParameters(list(engine_module(engine).parameters()), modifier_rank=None), \
-                zero3_hooks_suspended(engine):
+        with zero3_gathered_without_hooks(engine, engine_module(engine)):
             yield
         return
     with engine_hooks_suspended(engine):
         yield
-
-
-def _zero3_offload(engine):
-    """DeepSpeed's ZeRO-3 parameter manager of an engine (trainable: inside the optimizer; frozen: the optimizer)."""
-    opt = getattr(engine, "optimizer", None)
-    return getattr(opt, "parameter_offload", opt if hasattr(opt, "forward_hooks") else None)
-
-
-def _engine_hook_handles(engine) -> list:
-    """The forward pre/post hooks a DeepSpeed engine puts on its module (run on every forward of the module)."""
-    if not _is_ds_engine(engine):
-        return []
-    return [h for h in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook",
-                                                                                   None)) if h is not None]
-
-
-@contextlib.contextmanager
-def engine_hooks_suspended(engine):
-    """Take the DeepSpeed engine's own module forward hooks out for the duration (inference forwards called on the
-    module directly, no gradients). Put back exactly, in their original order, on exit."""
-    with _hooks_suspended(_engine_hook_handles(engine)):
-        yield
-
-
-@contextlib.contextmanager
-def zero3_hooks_suspended(engine):
-    """Take ZeRO-3's module hooks (and the engine's own forward hooks, whose prologue would re-wrap every module's
-    parameter dict for ZeRO-3 on each call) out for the duration (only valid while the parameters are gathered and
-    no gradients are taken); they are put back exactly, in their original order, on exit."""
-    offload = _zero3_offload(engine) if _is_ds_engine(engine) else None
-    handles = list(getattr(offload, "forward_hooks", [])) + list(getattr(offload, "backward_hooks", []))
-    if getattr(offload, "fwd_pre_hook", None) is not None:
-        handles.append(offload.fwd_pre_hook)
-    handles += _engine_hook_handles(engine)
-    # ZeRO-3 also swaps every module's parameter dict for one whose getter checks/fetches on each access
-    swapped = [(m, m._parameters) for m in engine_module(engine).modules()
-               if type(m._parameters).__name__ == "ZeROOrderedDict"] if offload is not None else []
-    for m, d in swapped:
-        m._parameters = dict(d.items())
-    try:
-        with _hooks_suspended(handles):
-            yield
-    finally:
-        for m, d in swapped:
-            m._parameters = d
-
-
-@contextlib.contextmanager
-def _hooks_suspended(handles: list):
-    saved: dict[int, tuple[dict, dict]] = {}
-    for h in handles:
-        d = h.hooks_dict_ref()
-        if d is None:
-            continue
-        if id(d) not in saved:
-            saved[id(d)] = (d, dict(d))
-        d.pop(h.id, None)
-    try:
-        yield
-    finally:
-        for d, snapshot in saved.values():
-            d.clear()
-            d.update(snapshot)
 
 
 @contextlib.contextmanager
@@ -265,13 +196,13 @@ class DeepSpeedHybridEngine(HybridEngine):
             raise ConfigError("ppo.hybrid_engine=deepspeed: the actor engine was not built with a `hybrid_engine` "
                               "section (deepspeed_he_config); got " + type(engine).__name__)
         check_deepspeed_he_supported(engine.zero_optimization_stage(),
-                                     engine._config.hybrid_engine.inference_tp_size)
+                                     hybrid_engine_tp_size(engine))
         super().__init__(engine)
 
     @property
     def injected(self) -> bool:
         """Whether DeepSpeed swapped in its inference layers (else generation runs HF's own code)."""
-        return len(getattr(self.engine, "_inference_containers", [])) > 0
+        return hybrid_engine_injected(self.engine)
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[torch.nn.Module]:

@@ -1,15 +1,140 @@
-"""Every place we reach into DeepSpeed's (or torch's) private internals, in one module.
+"""Every place we reach into DeepSpeed's (or torch's) private internals, and nothing else does.
 
-Each patch names what it relies on; `tests/test_deepspeed_internals.py` asserts those attributes exist in the
-installed DeepSpeed, so an upgrade that removes one fails a test, not a user's run.
+Each patch lists what it relies on in `RELIES_ON` (dotted names resolved by `missing_internals`) and checks it
+again where it applies; `tests/test_deepspeed_internals.py` asserts every name resolves in the installed DeepSpeed,
+so an upgrade that removes one fails a test, not a user's run. No patch fails soft and silently: when what it
+relies on is missing it either raises `DeepSpeedInternalsError`, or (where DeepSpeed's unpatched path is still
+correct, only slower; each says which) logs a warning and takes that path. Patches are also applied only on the
+DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the unpatched path runs, with a warning.
+
+  install_single_process_collectives   one CPU process: collectives as local copies       (fallback: gloo)
+  skip_single_process_allreduce        one process at ZeRO-0: no gradient all-reduce    (fallback: all-reduce)
+  scope_zero3_linear                   ZeRO-3's F.linear only inside its training engine  (fallback: global)
+  weights_only_torch_load              DeepSpeed's checkpoint loads with weights_only=True       (raises)
+  engine_hooks_suspended / zero3_gathered_without_hooks   inference forwards without per-module hooks
+                                                                      (fallback: DeepSpeed's hooks run)
+  hybrid_engine_injected / _tp_size    DeepSpeed Hybrid Engine: inference layers injected? its TP size (raise)
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
+import time
+from typing import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 
+# [lowest, highest) DeepSpeed versions the patches were verified on (the test suite runs on the installed one)
+VERIFIED_DEEPSPEED = ("0.19.0", "0.20.0")
+
+_COLLECTIVES = ("all_gather_into_tensor", "all_gather_base", "reduce_scatter_tensor", "all_gather", "all_reduce",
+                "all_reduce_coalesced", "broadcast", "reduce")
+_DS_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                    "deepspeed.runtime.zero.config.ZeroStageEnum",
+                    "deepspeed.utils.tensor_fragment.fragment_address")
+
+# What each patch relies on, as dotted names (module path, then attributes). Instance attributes that DeepSpeed
+# sets in __init__ are checked on live engines (`ENGINE_ATTRIBUTES`) by the test and where the patch applies.
+RELIES_ON: dict[str, tuple[str, ...]] = {
+    "single_process_collectives": ("deepspeed.comm.comm.cdb",)
+    + tuple(f"deepspeed.comm.torch.TorchBackend.{name}" for name in _COLLECTIVES),
+    "zero3_linear_scope": ("deepspeed.runtime.zero.linear.zero3_linear_wrap",
+                           "deepspeed.runtime.zero.partition_parameters.InsertPostInitMethodToModuleSubClasses"),
+    "weights_only_torch_load": _DS_SAFE_GLOBALS
+    + ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine.TorchCheckpointEngine.load",
+       "torch.serialization.safe_globals"),
+    "zero3_hooks": ("deepspeed.runtime.zero.parameter_offload.ZeROOrderedDict",
+                    "deepspeed.runtime.zero.parameter_offload.DeepSpeedZeRoOffload",
+                    "deepspeed.runtime.zero.GatheredParameters"),
+    "hooks_suspended": ("torch.utils.hooks.RemovableHandle",),
+    "hybrid_engine_injected": ("deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine",),
+}
+ENGINE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "skip_single_process_allreduce": ("enable_backward_allreduce",),            # any engine
+    "engine_hooks": ("module_forward_pre_hook", "module_forward_post_hook"),    # any engine
+    "zero3_hooks": ("forward_hooks", "backward_hooks", "fwd_pre_hook"),         # ZeRO-3: _zero3_offload(engine)
+    "zero3_linear_scope": ("linear_bk",),                                        # the patcher, once ZeRO-3 ran
+    "hooks_suspended": ("hooks_dict_ref", "id"),                                 # a torch RemovableHandle
+    "hybrid_engine_injected": ("_inference_containers", "_config"),              # a DeepSpeedHybridEngine
+    "zero3_params": ("ds_id",),                                                  # a ZeRO-3 parameter
+}
+
+
+class DeepSpeedInternalsError(RuntimeError):
+    """A private DeepSpeed/torch attribute a patch needs is gone (an upgrade): the message names it."""
+
+
+def resolve(dotted: str):
+    """The object a dotted name points to (longest importable module prefix, then attributes); AttributeError or
+    ImportError when it does not exist."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def missing_internals(patch: str | None = None) -> list[str]:
+    """The dotted names of `RELIES_ON` (of one patch, or all) that do not resolve in the installed versions."""
+    names = RELIES_ON[patch] if patch else [n for v in RELIES_ON.values() for n in v]
+    out = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            out.append(name)
+    return out
+
+
+def missing_attributes(obj, patch: str) -> list[str]:
+    """`ENGINE_ATTRIBUTES[patch]` that `obj` lacks."""
+    return [a for a in ENGINE_ATTRIBUTES[patch] if not hasattr(obj, a)]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(patch: str, message: str) -> None:
+    if patch not in _warned:
+        _warned.add(patch)
+        log.warning("%s: %s", patch, message)
+
+
+def deepspeed_version_verified(patch: str) -> bool:
+    """Whether the installed DeepSpeed is one `patch` was verified on; warns once (naming the patch) if not."""
+    import deepspeed
+    from packaging.version import Version
+
+    lo, hi = (Version(v) for v in VERIFIED_DEEPSPEED)
+    ok = lo <= Version(deepspeed.__version__) < hi
+    if not ok:
+        _warn_once(f"{patch}-version", f"deepspeed {deepspeed.__version__} is outside the versions this patch was "
+                                       f"verified on ({VERIFIED_DEEPSPEED[0]} <= v < {VERIFIED_DEEPSPEED[1]}); "
+                                       "using DeepSpeed's unpatched path")
+    return ok
+
+
+def _usable(patch: str, missing: list[str]) -> bool:
+    """For patches whose unpatched path is still correct: False (with a warning) when something is missing."""
+    if missing:
+        _warn_once(patch, f"this DeepSpeed lacks {', '.join(missing)}; using DeepSpeed's unpatched path (correct, "
+                          "slower)")
+        return False
+    return deepspeed_version_verified(patch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# single-process collectives and all-reduce (unpatched path: correct, slower)
+# ---------------------------------------------------------------------------------------------------------
 class _Done:
     """The handle of a collective that already completed (what torch's Work offers that DeepSpeed uses)."""
 
@@ -34,12 +159,16 @@ def install_single_process_collectives() -> None:
     a process holds more OpenMP threads than cores, libgomp stops spinning between parallel regions in EVERY team,
     so each small op of the main thread pays a futex wake-up: after the first ZeRO-3 engine, generation and
     training ran ~3x slower with 2 threads on 2 cores. Results are bit-identical (the same values are copied)."""
-    try:
-        import deepspeed.comm.comm as ds_comm
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
+    # Not a context manager: it patches DeepSpeed's communication backend object (`cdb`) of a one-process group,
+    # which lives as long as the process. Unpatched path (something missing): gloo's collectives, correct, slower.
+    if not _usable("single_process_collectives", missing_internals("single_process_collectives")):
         return
-    cdb = getattr(ds_comm, "cdb", None)
+    import deepspeed.comm.comm as ds_comm
+
+    cdb = ds_comm.cdb
     if cdb is None or getattr(cdb, "_rlhf_single_process", False):
+        return
+    if not _usable("single_process_collectives", [f"cdb.{n}" for n in _COLLECTIVES if not hasattr(cdb, n)]):
         return
 
     def done(async_op):
@@ -78,7 +207,17 @@ def install_single_process_collectives() -> None:
     cdb._rlhf_single_process = True
 
 
+def skip_single_process_allreduce(engine) -> None:
+    """One process at ZeRO-0: DeepSpeed's gradient all-reduce (flatten every gradient, all_reduce through gloo's
+    worker thread, multiply by 1/1, copy back) is an exact identity that costs a few ms per optimizer step; the
+    engine reads `enable_backward_allreduce` before it. Unpatched path (attribute gone): the all-reduce runs."""
+    if _usable("skip_single_process_allreduce", missing_attributes(engine, "skip_single_process_allreduce")):
+        engine.enable_backward_allreduce = False
 
+
+# ---------------------------------------------------------------------------------------------------------
+# ZeRO-3's memory-efficient linear, scoped to its training engine (unpatched path: correct, slower)
+# ---------------------------------------------------------------------------------------------------------
 def scope_zero3_linear(engine, trainable: bool) -> None:
     """Confine DeepSpeed's ZeRO-3 "memory efficient linear" to where it matters.
 
@@ -88,20 +227,25 @@ def scope_zero3_linear(engine, trainable: bool) -> None:
     then pays its Python overhead. Here torch's linear is put back, and the wrapper is switched on only for the
     grad-enabled forwards and the backward (activation-checkpointing recomputation must save the same tensors as
     the forward) of this trainable ZeRO-3 engine: the memory behaviour of ZeRO-3 training is unchanged,
-    inference forwards save nothing for backward anyway, and both compute the same values."""
+    inference forwards save nothing for backward anyway, and both compute the same values. So a trainable ZeRO-3
+    model must be called through its engine (`engine(...)`), never through `engine.module`.
+    Unpatched path (something missing): DeepSpeed's process-wide replacement stays, correct and slower."""
     import torch.nn.functional as F
 
-    try:
-        from deepspeed.runtime.zero.linear import zero3_linear_wrap
-        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as _Patcher
-    except ImportError:  # pragma: no cover - deepspeed layout changed: leave DeepSpeed's behaviour
+    if not _usable("zero3_linear_scope", missing_internals("zero3_linear_scope")):
         return
-    original = getattr(_Patcher, "linear_bk", None)
-    if original is None or F.linear is not zero3_linear_wrap:
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as _Patcher
+
+    if F.linear is not zero3_linear_wrap:  # not a ZeRO-3 engine, or an earlier one restored torch's linear
         return
+    if not _usable("zero3_linear_scope", missing_attributes(_Patcher, "zero3_linear_scope")):
+        return
+    original = _Patcher.linear_bk
     F.linear = original
     if not trainable:
         return
+
     def scoped(inner, grad_only: bool):
         def call(*args, **kwargs):
             if (grad_only and not torch.is_grad_enabled()) or F.linear is not original:
@@ -118,38 +262,160 @@ def scope_zero3_linear(engine, trainable: bool) -> None:
     engine.backward = scoped(engine.backward, grad_only=False)
 
 
-
-def _deepspeed_safe_globals() -> list:
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: weights_only loading (no unpatched path: raises)
+# ---------------------------------------------------------------------------------------------------------
+def deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its checkpoints pickle besides tensors and containers (loss scalers, the ZeRO
-    stage enum). They carry plain attributes only; allow-listing them keeps `weights_only=True` loading."""
+    stage enum, fragment addresses). They carry plain attributes only; allow-listing them keeps `weights_only=True`
+    loading. One that is gone is reported with a warning: its checkpoints then fail to load with a clear
+    `UnpicklingError` naming the class (never an unsafe load)."""
     out = []
-    with contextlib.suppress(ImportError):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        out += [LossScaler, DynamicLossScaler]
-    with contextlib.suppress(ImportError):
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        out.append(ZeroStageEnum)
-    with contextlib.suppress(ImportError):
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        out.append(fragment_address)
+    for name in _DS_SAFE_GLOBALS:
+        try:
+            out.append(resolve(name))
+        except (ImportError, AttributeError):
+            _warn_once(f"safe-global {name}", f"{name} is gone from this DeepSpeed; checkpoints that pickle it "
+                                              "will refuse to load")
     return out
 
 
 @contextlib.contextmanager
-def weights_only_torch_load():
-    """Force `torch.load(..., weights_only=True)` for everything loaded inside (DeepSpeed passes False)."""
+def weights_only_torch_load() -> Iterator[None]:
+    """Force `torch.load(..., weights_only=True)` for everything loaded inside (DeepSpeed's checkpoint engine passes
+    False, and looks `torch.load` up at call time). Scoped: the original is back on exit. No fallback: without
+    torch's `safe_globals` this raises, since the unpatched path would unpickle whatever a checkpoint holds."""
+    missing = missing_internals("weights_only_torch_load")
+    if "torch.serialization.safe_globals" in missing:
+        raise DeepSpeedInternalsError("torch.serialization.safe_globals is missing: checkpoints cannot be loaded "
+                                      "with weights_only=True on this torch")
     original = torch.load
 
     def safe_load(*args, **kwargs):
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         torch.load = safe_load
         try:
             yield
         finally:
             torch.load = original
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference forwards without DeepSpeed's per-module hooks (unpatched path: correct, slower)
+# ---------------------------------------------------------------------------------------------------------
+def _zero3_offload(engine):
+    """DeepSpeed's ZeRO-3 parameter manager of an engine (trainable: inside the optimizer; frozen: the optimizer)."""
+    opt = getattr(engine, "optimizer", None)
+    return getattr(opt, "parameter_offload", opt if hasattr(opt, "forward_hooks") else None)
+
+
+def _engine_hook_handles(engine) -> list | None:
+    """The forward pre/post hooks a DeepSpeed engine puts on its module (run on every forward of the module);
+    None when this DeepSpeed does not keep them where we look."""
+    if missing_attributes(engine, "engine_hooks"):
+        return None
+    return [h for h in (engine.module_forward_pre_hook, engine.module_forward_post_hook) if h is not None]
+
+
+def _handles_usable(patch: str, handles: list | None, missing: list[str]) -> bool:
+    if handles is not None:
+        missing = missing + sorted({a for h in handles for a in missing_attributes(h, "hooks_suspended")})
+    return _usable(patch, missing)
+
+
+@contextlib.contextmanager
+def _hooks_suspended(handles: list) -> Iterator[None]:
+    """Take hooks out of their module's hook dictionaries; put back exactly, in their original order, on exit."""
+    saved: dict[int, tuple[dict, dict]] = {}
+    for h in handles:
+        d = h.hooks_dict_ref()
+        if d is None:  # the module is gone
+            continue
+        if id(d) not in saved:
+            saved[id(d)] = (d, dict(d))
+        d.pop(h.id, None)
+    try:
+        yield
+    finally:
+        for d, snapshot in saved.values():
+            d.clear()
+            d.update(snapshot)
+
+
+@contextlib.contextmanager
+def engine_hooks_suspended(engine) -> Iterator[None]:
+    """Take the DeepSpeed engine's own module forward hooks (timers, profiler bookkeeping of a training forward)
+    out for the duration (inference forwards called on the module directly, no gradients). Unpatched path (the
+    hook attributes are gone): the hooks run, correct and slower."""
+    handles = _engine_hook_handles(engine)
+    if not _handles_usable("engine_hooks", handles, missing_attributes(engine, "engine_hooks")):
+        yield
+        return
+    with _hooks_suspended(handles):
+        yield
+
+
+@contextlib.contextmanager
+def zero3_gathered_without_hooks(engine, module: torch.nn.Module) -> Iterator[float | None]:
+    """ZeRO-3: gather `module`'s partitioned parameters ONCE for the whole block (every rank gets the full weights;
+    nothing is written back on exit) and take ZeRO-3's per-module fetch/release hooks out, with the engine's own
+    forward hooks (whose prologue would re-wrap every module's parameter dict on each call) and the parameter dicts
+    ZeRO-3 swapped in (a getter that checks/fetches on each access). Only valid without gradients. Yields the
+    gather time in seconds; everything is put back exactly on exit.
+    Unpatched path (something missing): yields None and gathers nothing; DeepSpeed's layer-by-layer fetching runs,
+    correct and slower (callers must not merge LoRA into partitioned weights then)."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+
+    offload = _zero3_offload(engine)
+    missing = missing_internals("zero3_hooks") + (["optimizer.parameter_offload"] if offload is None else
+                                                  missing_attributes(offload, "zero3_hooks"))
+    handles = None
+    if not missing:
+        handles = list(offload.forward_hooks) + list(offload.backward_hooks) + [offload.fwd_pre_hook]
+        engine_handles = _engine_hook_handles(engine)
+        missing += missing_attributes(engine, "engine_hooks")
+        handles += engine_handles or []
+    if not _handles_usable("zero3_hooks", handles, missing):
+        yield None
+        return
+    t0 = time.perf_counter()
+    with GatheredParameters(list(module.parameters()), modifier_rank=None):
+        gather_s = time.perf_counter() - t0
+        swapped = [(m, m._parameters) for m in module.modules() if isinstance(m._parameters, ZeROOrderedDict)]
+        for m, d in swapped:
+            m._parameters = dict(d.items())
+        try:
+            with _hooks_suspended(handles):
+                yield gather_s
+        finally:
+            for m, d in swapped:
+                m._parameters = d
+
+
+def has_zero3_params(module: torch.nn.Module) -> bool:
+    """Whether a module's parameters are ZeRO-3 partitioned (DeepSpeed tags each with a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSpeed's Hybrid Engine (no unpatched path: raises)
+# ---------------------------------------------------------------------------------------------------------
+def hybrid_engine_injected(engine) -> bool:
+    """Whether DeepSpeed's Hybrid Engine swapped in its inference layers (else generation runs HF's own code)."""
+    if missing_attributes(engine, "hybrid_engine_injected"):
+        raise DeepSpeedInternalsError("DeepSpeedHybridEngine._inference_containers is gone from this DeepSpeed: "
+                                      "cannot tell whether inference layers were injected (use "
+                                      "ppo.hybrid_engine=portable)")
+    return len(engine._inference_containers) > 0
+
+
+def hybrid_engine_tp_size(engine) -> int:
+    """The `hybrid_engine.inference_tp_size` a DeepSpeedHybridEngine was built with (its parsed config)."""
+    if missing_attributes(engine, "hybrid_engine_injected"):
+        raise DeepSpeedInternalsError("DeepSpeedHybridEngine._config is gone from this DeepSpeed (use "
+                                      "ppo.hybrid_engine=portable)")
+    return engine._config.hybrid_engine.inference_tp_size

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .deepspeed_internals import scope_zero3_linear
+from .deepspeed_internals import scope_zero3_linear, skip_single_process_allreduce
 from .distributed import device, rank_world
 
 
@@ -201,8 +201,6 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
                                       lr_scheduler=make_scheduler, config=cfg, dist_init_required=False)
     scope_zero3_linear(engine, trainable=True)
     if world_size == 1 and rank_world()[1] == 1 and engine.zero_optimization_stage() == 0:
-        # one process: DeepSpeed's gradient all-reduce (flatten every gradient, all_reduce through gloo's worker
-        # thread, multiply by 1/1, copy back) is an exact identity that costs a few ms per optimizer step
-        engine.enable_backward_allreduce = False
+        skip_single_process_allreduce(engine)
     engine.train()
     return engine

@@ -1,0 +1,148 @@
+"""Everything we rely on in DeepSpeed's (and torch's) private internals still exists in the installed versions, each
+patch takes effect on live engines, and a missing piece or an unverified version gives a warning and DeepSpeed's
+own path, never a silent change. An upgrade that removes something fails here, not in a user's run."""
+import inspect
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_tasks import models
+from rlhf_tasks.config import TinyModelConfig, TrainingConfig
+from rlhf_tasks.training import deepspeed_internals as dsi
+from rlhf_tasks.training.distributed import destroy_distributed, init_distributed
+from rlhf_tasks.training.engine import build_engine
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    from rlhf_tasks.launch import free_port
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    init_distributed()
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(dsi, "_warned", set())
+
+
+def _tiny_lm():
+    return models.load_causal_lm(str(models.ensure_tiny_model("llama", TinyModelConfig())))
+
+
+def test_every_private_name_we_rely_on_resolves():
+    assert dsi.missing_internals() == []
+    import deepspeed
+    from packaging.version import Version
+
+    lo, hi = (Version(v) for v in dsi.VERIFIED_DEEPSPEED)
+    assert lo <= Version(deepspeed.__version__) < hi, "new DeepSpeed: re-verify the patches, then widen the range"
+
+
+def test_single_process_patches_are_live(single_process_group):
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb._rlhf_single_process is True
+    eng = build_engine(_tiny_lm(), TrainingConfig(zero_stage=0, micro_batch_size=2), total_steps=2)
+    assert dsi.missing_attributes(eng, "skip_single_process_allreduce") == []
+    assert eng.enable_backward_allreduce is False
+    assert dsi.missing_attributes(eng, "engine_hooks") == []
+    handles = dsi._engine_hook_handles(eng)
+    assert len(handles) == 2 and all(dsi.missing_attributes(h, "hooks_suspended") == [] for h in handles)
+    # suspension takes the hooks out of the module's dictionaries and puts them back in order
+    before = (list(eng.module._forward_pre_hooks), list(eng.module._forward_hooks))
+    with dsi.engine_hooks_suspended(eng):
+        assert not any(h.id in eng.module._forward_pre_hooks or h.id in eng.module._forward_hooks for h in handles)
+    assert (list(eng.module._forward_pre_hooks), list(eng.module._forward_hooks)) == before
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_zero3_internals_are_where_we_look(trainable, single_process_group):
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    eng = build_engine(_tiny_lm(), TrainingConfig(zero_stage=3, micro_batch_size=2), total_steps=2,
+                       trainable=trainable)
+    assert dsi.missing_attributes(InsertPostInitMethodToModuleSubClasses, "zero3_linear_scope") == []
+    assert F.linear is InsertPostInitMethodToModuleSubClasses.linear_bk  # torch's linear is back, process-wide
+    offload = dsi._zero3_offload(eng)
+    assert offload is not None and dsi.missing_attributes(offload, "zero3_hooks") == []
+    params = list(eng.module.parameters())
+    assert all(dsi.missing_attributes(p, "zero3_params") == [] for p in params) and dsi.has_zero3_params(eng.module)
+    swapped = [m for m in eng.module.modules() if isinstance(m._parameters, ZeROOrderedDict)]
+    assert swapped
+    with torch.no_grad(), dsi.zero3_gathered_without_hooks(eng, eng.module) as gather_s:
+        assert gather_s is not None and all(p.numel() > 0 for p in params)  # gathered: full weights
+        assert not any(isinstance(m._parameters, ZeROOrderedDict) for m in swapped)
+        assert not any(h.id in eng.module._forward_pre_hooks for h in dsi._engine_hook_handles(eng))
+    assert all(isinstance(m._parameters, ZeROOrderedDict) for m in swapped)
+    assert all(p.numel() == 0 for p in params)  # partitioned again
+
+
+def test_hybrid_engine_attributes_exist():
+    """DeepSpeed's Hybrid Engine needs CUDA to build; its instance attributes are checked in its source."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+
+    assert "self._inference_containers =" in inspect.getsource(DeepSpeedHybridEngine.__init__)
+    assert "self._config =" in inspect.getsource(DeepSpeedEngine.__init__)
+    from deepspeed.runtime.config import get_hybrid_engine_config
+
+    assert get_hybrid_engine_config({"hybrid_engine": {"inference_tp_size": 2}}).inference_tp_size == 2
+
+
+def test_missing_attribute_warns_and_takes_the_unpatched_path(fresh_warnings, caplog):
+    class OldEngine:  # an engine of a DeepSpeed without the attributes we patch
+        module_forward_pre_hook = None
+
+    eng = OldEngine()
+    with caplog.at_level(logging.WARNING, logger=dsi.__name__):
+        dsi.skip_single_process_allreduce(eng)
+        with dsi.engine_hooks_suspended(eng):
+            pass
+    assert not hasattr(eng, "enable_backward_allreduce")
+    text = caplog.text
+    assert "lacks enable_backward_allreduce" in text and "lacks module_forward_post_hook" in text
+    with pytest.raises(dsi.DeepSpeedInternalsError, match="_inference_containers"):
+        dsi.hybrid_engine_injected(eng)
+
+
+def test_unverified_deepspeed_version_uses_the_unpatched_path(fresh_warnings, single_process_group, monkeypatch,
+                                                              caplog):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.99.0")
+    with caplog.at_level(logging.WARNING, logger=dsi.__name__):
+        eng = build_engine(_tiny_lm(), TrainingConfig(zero_stage=0, micro_batch_size=2), total_steps=2)
+    assert eng.enable_backward_allreduce is True
+    assert "deepspeed 0.99.0 is outside the versions" in caplog.text
+
+
+def test_deepspeed_checkpoint_loads_refuse_pickled_code(tmp_path):
+    """DeepSpeed's own checkpoint reader (weights_only=False) is forced to weights_only=True inside the scope: a
+    pickle whose __reduce__ would run code is refused and never executed; outside the scope torch.load is back."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    f = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "x": Evil()}, f)
+    with dsi.weights_only_torch_load():
+        with pytest.raises(Exception, match="weights_only|Unsupported global"):
+            TorchCheckpointEngine().load(str(f))
+        ok = tmp_path / "ok.pt"
+        torch.save({"module": {"w": torch.ones(2)}, "step": 3}, ok)
+        assert torch.equal(TorchCheckpointEngine().load(str(ok))["module"]["w"], torch.ones(2))
+    assert not marker.exists()
+    assert torch.load(f, weights_only=False) and marker.exists()  # the unscoped default really would run it
