@@ -52,7 +52,7 @@ def cmd_store(args) -> int:
     from .store import open_store_for_uri
 
     if args.store_cmd == "ls":
-        store = _store_from_args(args)
+        store = _store_from_args(args).require_existing()  # a typo is an error, not a new empty store
         rows = []
         for kind, key, m in store.ls(args.kind):
             if m is None:
@@ -68,7 +68,7 @@ def cmd_store(args) -> int:
         return 0
     if args.store_cmd == "verify":
         store, kind, key = open_store_for_uri(args.uri)
-        m = store.verify(kind, key, deep=True)
+        m = store.require_existing().verify(kind, key, deep=True)
         print(f"ok {store.uri(kind, key)}: {len(m.files)} files, {_human(m.size)}, sha256 verified")
         return 0
     if args.store_cmd == "put":
@@ -78,7 +78,7 @@ def cmd_store(args) -> int:
         return 0
     if args.store_cmd == "get":
         store, kind, key = open_store_for_uri(args.uri)
-        path = store.get(kind, key, deep=True)
+        path = store.require_existing().get(kind, key, deep=True)
         if args.dest:
             import shutil
 
@@ -87,12 +87,12 @@ def cmd_store(args) -> int:
         print(path)
         return 0
     if args.store_cmd == "gc":
-        store = _store_from_args(args)
+        store = _store_from_args(args).require_existing()
         removed = store.gc(min_age_s=args.min_age, unreferenced=args.unreferenced, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         for u in removed:
             print(f"{verb} {u}")
-        print(f"{verb} {len(removed)} artifact(s)")
+        print(f"{verb} {len(removed)} artifact(s) and cache record(s)")
         return 0
     raise AssertionError(args.store_cmd)
 

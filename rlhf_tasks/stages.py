@@ -6,17 +6,16 @@ the hash of those; its artifact lives at `<store>/<stage>/<key>/`. Caching, reus
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .store import ArtifactStore, compute_key
+from .provenance import code_hashes, library_versions
+from .store import MISSING, ArtifactStore, compute_key
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")
-PKG = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -24,54 +23,48 @@ class StageDef:
     name: str
     inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key
     module: str  # python module with `run(spec)`; launched as a job
-    code: tuple[str, ...]  # package-relative source files/folders that define this stage's code version
     distributed: bool  # launched under the DeepSpeed launcher (else a plain single process)
 
 
-_COMMON = ("__init__.py", "models.py", "store.py", "stages.py", "stage_main.py", "config")
-_TRAIN = _COMMON + ("training",)
 STAGE_DEFS: dict[str, StageDef] = {
-    "data": StageDef("data", (), "rlhf_tasks.data.stage", _COMMON + ("data",), False),
-    "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", _TRAIN, True),
-    "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", _TRAIN, True),
-    "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", _TRAIN + ("ppo",), True),
-    "eval": StageDef("eval", ("data", "sft", "reward", "ppo"), "rlhf_tasks.evaluation.stage",
-                     _COMMON + ("evaluation", "ppo", "data/demo.py", "data/constraints.py", "data/gold.py", "data/artifact.py",
-                                 "data/formatting.py"), False),
+    "data": StageDef("data", (), "rlhf_tasks.data.stage", False),
+    "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", True),
+    "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", True),
+    "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
+    "eval": StageDef("eval", ("data", "sft", "reward", "ppo"), "rlhf_tasks.evaluation.stage", False),
 }
+JOB_ENTRY = "rlhf_tasks.stage_main"  # every job starts here, then imports its stage module
 
 
-def code_version(stage: str) -> str:
-    """sha256 over the source files that make up a stage (its modules plus the shared core)."""
-    h = hashlib.sha256()
-    for rel in STAGE_DEFS[stage].code:
-        p = PKG / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            if f.exists():
-                h.update(f.relative_to(PKG).as_posix().encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def code_version(stage: str) -> dict[str, str]:
+    """{file: code hash} of every module of ours the stage's job can execute (provenance.import_closure)."""
+    return code_hashes([JOB_ENTRY, STAGE_DEFS[stage].module])
+
+
+def _model(cfg: PipelineConfig, field: str) -> dict:
+    """model_identity of `models.<field>` (tokenizer and reward default to the actor), named for messages."""
+    from .models import model_identity
+
+    m = cfg.models
+    ref, where = getattr(m, field), f"models.{field}"
+    if ref is None:
+        ref, where = m.actor, "models.actor"
+    return model_identity(ref, m.tiny, m.revision, where)
 
 
 def config_slice(cfg: PipelineConfig, stage: str) -> dict:
     """The part of the config that determines a stage's output (placement, timeouts and the store do not)."""
-    from .models import model_identity
-
-    m = cfg.models
-    actor = model_identity(m.actor, m.tiny, m.revision)
-    reward_ref = m.reward or m.actor
     if stage == "data":
-        tok = model_identity(m.tokenizer or m.actor, m.tiny, m.revision)
         data = cfg.data.model_dump(mode="json", by_alias=True)
         for src in data["sources"]:  # local files enter the key by content (fingerprints), not by where they lie
             if Path(src["path"]).is_absolute():
                 src["path"] = Path(src["path"]).name
-        return {"data": data, "tokenizer": tok}
+        return {"data": data, "tokenizer": _model(cfg, "tokenizer")}
     if stage == "sft":
-        return {"sft": cfg.sft.model_dump(mode="json"), "actor": actor, "num_procs": cfg.execution.num_procs}
+        return {"sft": cfg.sft.model_dump(mode="json"), "actor": _model(cfg, "actor"),
+                "num_procs": cfg.execution.num_procs}
     if stage == "reward":
-        return {"reward": cfg.reward.model_dump(mode="json"), "base": model_identity(reward_ref, m.tiny, m.revision),
+        return {"reward": cfg.reward.model_dump(mode="json"), "base": _model(cfg, "reward"),
                 "num_procs": cfg.execution.num_procs}
     if stage == "ppo":
         return {"ppo": cfg.ppo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
@@ -83,7 +76,7 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
 def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
     from .data.sources import fingerprint_source  # content hash of files; hub name + revision
 
-    return [fingerprint_source(s) for s in cfg.data.sources]
+    return [fingerprint_source(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
 
 
 def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str],
@@ -92,6 +85,7 @@ def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str]
     ki: dict[str, Any] = {
         "stage": stage,
         "code": code_version(stage),
+        "libraries": library_versions(),
         "config": config_slice(cfg, stage),
         "inputs": {name: input_keys[name] for name in STAGE_DEFS[stage].inputs},
     }
@@ -126,8 +120,14 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
         ki = stage_key_inputs(cfg, stage, keys)
         key = compute_key(ki)
         keys[stage], uris[stage] = key, store.uri(stage, key)
-        cached = store.exists(stage, key)
-        reason = "artifact exists and verifies" if cached else explain_change(store, stage, ki)
+        problem = store.check(stage, key)  # content-verified: a flipped byte is a miss, not a hit
+        cached = problem is None
+        if cached:
+            reason = "artifact exists and verifies"
+        elif problem == MISSING:
+            reason = explain_change(store, stage, ki)
+        else:
+            reason = f"failed verification ({problem}): will recompute"
         out.append(StagePlan(stage, key, uris[stage], cached, reason, ki,
                              {n: uris[n] for n in STAGE_DEFS[stage].inputs}))
     return out
@@ -147,8 +147,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _short(v: Any) -> str:
+    """Commit SHAs and code hashes shortened for a one-line reason."""
+    return v[:12] if isinstance(v, str) and len(v) == 40 else repr(v) if not isinstance(v, str) else v
+
+
 def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
-    """Why a stage will run: the difference to the most recent complete artifact of the same stage."""
+    """Why a stage will run: the difference to the most recent complete artifact of the same stage.
+    Most telling first: library versions and hub commits, then settings and inputs, then which code files."""
     latest = None
     for _, _, m in store.ls(stage):
         if m is not None and (latest is None or m.created > latest.created):
@@ -156,20 +162,36 @@ def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
     if latest is None:
         return f"no {stage} artifact in the store yet"
     old, new = _flatten(latest.key_inputs), _flatten(key_inputs)
-    diffs = []
+    first: list[str] = []
+    diffs: list[str] = []
+    code: list[str] = []
     for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            name = k.removeprefix("config.")
-            if k.startswith("inputs."):
-                diffs.append(f"input {k.split('.', 1)[1]} changed")
-            elif k.startswith("sources"):
-                diffs.append(f"data source {k} changed")
-            elif k == "code":
-                diffs.append("stage code changed")
-            else:
-                diffs.append(f"{name} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
+        if old.get(k) == new.get(k):
+            continue
+        was, now = old.get(k, "<unset>"), new.get(k, "<unset>")
+        parent = k.rsplit(".", 1)[0]
+        if k == "code" or k.startswith("code."):
+            code.append(k.removeprefix("code").lstrip(".") or "?")
+        elif k.startswith("libraries."):
+            if "libraries" in latest.key_inputs:
+                first.append(f"{k.split('.', 1)[1]} {was} -> {now}")
+            elif "library versions enter the key now" not in first:
+                first.append("library versions enter the key now")
+        elif k.endswith(".revision") and (f"{parent}.hub" in new or f"{parent}.name" in new):
+            name = new.get(f"{parent}.hub") or new.get(f"{parent}.name")
+            first.append(f"hub {name} {_short(was)} -> {_short(now)}")
+        elif k.startswith("inputs."):
+            diffs.append(f"input {k.split('.', 1)[1]} changed")
+        elif k.startswith("sources"):
+            diffs.append(f"data source {k} changed")
+        else:
+            diffs.append(f"{k.removeprefix('config.')} {was!r} -> {now!r}")
+    if code:
+        files = ", ".join(c for c in code[:3] if c != "?") or "stage code"
+        diffs.append(f"code changed: {files}" + (f" (+{len(code) - 3} files)" if len(code) > 3 else ""))
+    diffs = first + diffs
     if not diffs:
-        return "artifact missing or failed verification"
+        return "artifact missing"
     more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
     return "; ".join(diffs[:4]) + more
 

@@ -4,6 +4,10 @@ An artifact lives at `<root>/<kind>/<key>/`. Its files are uploaded first and `m
 and sha256, the key and what it was computed from, lineage, producer, created time, metrics) is written LAST: an
 artifact without a valid manifest does not exist, so a crash at any point of an upload never leaves something that
 verifies. Committed artifacts are immutable.
+
+An artifact is trusted (a cache hit, an input handed to a stage) only after its files match the manifest's sha256.
+So that re-checking a large unchanged artifact costs a stat instead of a read, the sha256 of each file version is
+remembered outside the artifact, in the local cache (`FileHashes`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from .errors import ArtifactCorrupt, StoreError
 
 MANIFEST = "manifest.json"
 RESERVED_KINDS = frozenset({"runs"})  # folders of plain JSON documents beside the artifacts (run records)
+CACHE_RECORDS = "_prefect/cache"  # the orchestrator's cache records (flows/storage.py); each names an artifact URI
+MISSING = "missing"  # `ArtifactStore.check` of an artifact without a manifest
 MANIFEST_FORMAT = 1
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -47,12 +53,78 @@ def compute_key(key_inputs: dict) -> str:
     return hashlib.sha256(canonical_json(key_inputs).encode()).hexdigest()[:24]
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def cache_root() -> Path:
+    """The local cache folder (tiny models, downloads of remote artifacts, remembered file hashes)."""
+    return Path(os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache/rlhf_tasks")
+
+
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
+
+
+def local_version(path: str | Path) -> dict:
+    """What changes whenever a local file's bytes change. ctime is set by the kernel on every write and cannot be
+    set back, so even a rewrite that restores the mtime counts as a new version."""
+    st = os.stat(path)
+    return {"file": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+class FileHashes:
+    """The sha256 of file versions hashed before, so re-checking an unchanged file costs a stat, not a read.
+
+    A version is a dict that changes whenever the bytes do (`local_version`; on S3 the URL, ETag and size). One small
+    record per version, `<folder>/<2 hex>/<62 hex>` holding the sha256, written atomically: processes sharing the
+    cache need no lock, and a lost or unwritable record only costs a re-hash. It lives outside the artifacts."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _record(self, version: dict) -> Path:
+        h = hashlib.sha256(canonical_json(version).encode()).hexdigest()
+        return self.folder / h[:2] / h[2:]
+
+    def lookup(self, version: dict) -> str | None:
+        try:
+            text = self._record(version).read_text()
+        except OSError:
+            return None
+        return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+    def remember(self, version: dict, sha256: str) -> None:
+        rec = self._record(version)
+        try:
+            rec.parent.mkdir(parents=True, exist_ok=True)
+            tmp = rec.with_name(f".{rec.name}.{uuid.uuid4().hex}")
+            tmp.write_text(sha256)
+            os.replace(tmp, rec)
+        except OSError:
+            pass
+
+    def sha256(self, version: dict | None, read, deep: bool = False) -> str:
+        """The sha256 of `version`: remembered, or (and always when `deep`) `read()` -> hex, then remembered."""
+        sha = None if deep or version is None else self.lookup(version)
+        if sha is None:
+            sha = read()
+            if version is not None:
+                self.remember(version, sha)
+        return sha
+
+    def local_sha256(self, path: str | Path, deep: bool = False) -> str:
+        return self.sha256(local_version(path), lambda: sha256_file(path), deep)
+
+
+def default_hashes() -> FileHashes:
+    """The hash memory for files outside any store (data sources, local model folders)."""
+    return FileHashes(cache_root() / "sha256")
 
 
 def check_name(kind: str, key: str) -> None:
@@ -124,9 +196,19 @@ class ArtifactStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol or ())
-        self.cache_dir = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache/rlhf_tasks/store")
-        if self.is_local:
-            os.makedirs(self.root, exist_ok=True)
+        self.cache_dir = Path(cache_dir or cache_root() / "store")
+        self.hashes = FileHashes(self.cache_dir / "sha256")
+        # Nothing is created here: reading a store that does not exist (a typo) must not make it.
+
+    def require_existing(self) -> "ArtifactStore":
+        """Raise StoreError unless the store exists (a local folder; the S3 bucket): for commands that only read."""
+        try:
+            ok = os.path.isdir(self.root) if self.is_local else self.fs.exists(self.root.split("/", 1)[0])
+        except OSError as e:
+            raise StoreError(f"store {self.url}: cannot reach it ({e})") from None
+        if not ok:
+            raise StoreError(f"store {self.url} does not exist")
+        return self
 
     @classmethod
     def from_config(cls, store_cfg) -> "ArtifactStore":
@@ -148,6 +230,7 @@ class ArtifactStore:
     def parse_uri(self, uri: str) -> tuple[str, str]:
         """URI -> (kind, key); the URI must lie under this store's root."""
         u = uri.rstrip("/")
+        _refuse_dotdot(uri)
         if "://" not in u and not u.startswith(self.url):
             u = str(Path(u).expanduser().resolve())
         if not u.startswith(self.url + "/"):
@@ -173,35 +256,77 @@ class ArtifactStore:
         return m
 
     def exists(self, kind: str, key: str) -> bool:
-        """True when a valid manifest exists and every listed file is present with its size (cheap check)."""
+        """True when the artifact exists and its files match the manifest by content (see `verify`)."""
+        return self.check(kind, key) is None
+
+    def check(self, kind: str, key: str) -> str | None:
+        """None when the artifact exists and verifies; MISSING without a manifest; else what is wrong."""
         try:
+            if self.read_manifest(kind, key) is None:
+                return MISSING
             self.verify(kind, key, deep=False)
-            return True
-        except (ArtifactCorrupt, FileNotFoundError):
-            return False
+            return None
+        except ArtifactCorrupt as e:
+            return str(e)
 
     def verify(self, kind: str, key: str, deep: bool = True) -> Manifest:
-        """Check the artifact against its manifest; `deep` re-hashes every file. Raises ArtifactCorrupt."""
+        """Check every file against the manifest: present, same size, same sha256. Without `deep`, a file version
+        hashed before (`FileHashes`) is not read again; `deep` re-reads every byte. Raises ArtifactCorrupt."""
         base = self._path(kind, key)
         m = self.read_manifest(kind, key)
         if m is None:
             raise ArtifactCorrupt(f"{self.uri(kind, key)}: no manifest (missing or unfinished upload)")
+        infos = self._file_infos(base, m)
         for f in m.files:
-            p = f"{base}/{f['path']}"
-            try:
-                size = self.fs.size(p)
-            except FileNotFoundError:
-                raise ArtifactCorrupt(f"{self.uri(kind, key)}: missing file {f['path']}") from None
-            if size != int(f["size"]):
-                raise ArtifactCorrupt(f"{self.uri(kind, key)}: {f['path']} has {size} bytes, manifest says {f['size']}")
-            if deep:
-                h = hashlib.sha256()
-                with self.fs.open(p, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-                if h.hexdigest() != f["sha256"]:
-                    raise ArtifactCorrupt(f"{self.uri(kind, key)}: {f['path']} sha256 mismatch")
+            info = infos.get(f["path"])
+            if info is None:
+                raise ArtifactCorrupt(f"{self.uri(kind, key)}: missing file {f['path']}")
+            if int(info["size"]) != int(f["size"]):
+                raise ArtifactCorrupt(f"{self.uri(kind, key)}: {f['path']} has {info['size']} bytes, "
+                                      f"manifest says {f['size']}")
+            if self._sha256(f"{base}/{f['path']}", info, deep) != f["sha256"]:
+                raise ArtifactCorrupt(f"{self.uri(kind, key)}: {f['path']} sha256 mismatch")
         return m
+
+    def _file_infos(self, base: str, m: Manifest) -> dict[str, dict]:
+        """{relative path: fsspec info} of an artifact's files (local: a stat each; remote: one listing)."""
+        if self.is_local:
+            out = {}
+            for f in m.files:
+                try:
+                    out[f["path"]] = {"size": os.stat(f"{base}/{f['path']}").st_size}
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            return out
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p[len(base) + 1:]: info for p, info in found.items() if p.startswith(base + "/")}
+
+    def _version(self, path: str, info: dict) -> dict | None:
+        if self.is_local:
+            return local_version(path)
+        etag = info.get("ETag") or info.get("etag")
+        url = self.url + path[len(self.root):]
+        return {"url": url, "etag": etag, "size": int(info["size"])} if etag else None
+
+    def _sha256(self, path: str, info: dict, deep: bool) -> str:
+        def read() -> str:
+            with self.fs.open(path, "rb") as fh:
+                return sha256_stream(fh)
+
+        return self.hashes.sha256(self._version(path, info), read, deep)
+
+    def _remember_written(self, base: str, files: list[dict]) -> None:
+        """Record the versions just uploaded with the sha256 hashed from their sources, so the first check of a
+        fresh artifact reads nothing."""
+        infos = self._file_infos(base, Manifest("", "", files))
+        for f in files:
+            if f["path"] in infos:
+                version = self._version(f"{base}/{f['path']}", infos[f["path"]])
+                if version is not None:
+                    self.hashes.remember(version, f["sha256"])
 
     # ---- put / get ----------------------------------------------------------------------------------------
     def put_dir(
@@ -220,6 +345,8 @@ class ArtifactStore:
         """
         local_dir = Path(local_dir)
         base = self._path(kind, key)
+        if kind in RESERVED_KINDS:
+            raise StoreError(f"artifact kind {kind!r} is reserved (the store's {kind}/ folder holds other documents)")
         if self.exists(kind, key):
             return self.uri(kind, key)
         files = []
@@ -230,13 +357,13 @@ class ArtifactStore:
                     continue
                 check_relpath(rel)
                 files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
-        # Leftovers of a crashed upload (no valid manifest) are removed before writing anew.
-        if self.fs.exists(base):
-            self.fs.rm(base, recursive=True)
+        # Leftovers of a crashed upload (no valid manifest), or a corrupted artifact, are removed before writing anew.
+        self.delete(kind, key)
         for f in files:
             target = f"{base}/{f['path']}"
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(local_dir / f["path"]), target)
+        self._remember_written(base, files)
         manifest = Manifest(
             kind=kind,
             key=key,
@@ -247,6 +374,7 @@ class ArtifactStore:
             created=time.time(),
             producer=producer_version(),
         )
+        self.fs.makedirs(base, exist_ok=True)  # an artifact without files still gets its folder
         self._write_atomic(f"{base}/{MANIFEST}", manifest.to_json())
         return self.uri(kind, key)
 
@@ -263,26 +391,34 @@ class ArtifactStore:
                 f.write(text)
 
     def get(self, kind: str, key: str, deep: bool = False) -> Path:
-        """A local folder with the artifact's files. Local stores return the folder itself (size-checked, or
-        re-hashed with `deep`); remote stores download once into the cache, verify every sha256, and reuse it."""
-        m = self.verify(kind, key, deep=deep and self.is_local)
+        """A local folder with the artifact's files, checked by content (sha256) against the manifest, so a stage
+        never reads a corrupted input. Local stores return the folder itself; remote stores download once into the
+        cache and check the local copy on every later call. `deep` re-reads every byte. Raises ArtifactCorrupt."""
         if self.is_local:
+            self.verify(kind, key, deep=deep)
             return Path(self._path(kind, key))
+        m = self.read_manifest(kind, key)
+        if m is None:
+            raise ArtifactCorrupt(f"{self.uri(kind, key)}: no manifest (missing or unfinished upload)")
         target = self.cache_dir / _safe_dirname(self.url) / kind / key
         stamp = target / ".verified"
         digest = hashlib.sha256(m.to_json().encode()).hexdigest()
-        if stamp.exists() and stamp.read_text() == digest:
+        if stamp.exists() and stamp.read_text() == digest and self._local_copy_matches(target, m, deep):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
         try:
             base = self._path(kind, key)
+            infos = self._file_infos(base, m)
             for f in m.files:
                 dst = tmp / f["path"]
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(f"{base}/{f['path']}", str(dst))
                 if sha256_file(dst) != f["sha256"]:
                     raise ArtifactCorrupt(f"{self.uri(kind, key)}: {f['path']} sha256 mismatch after download")
+                version = self._version(f"{base}/{f['path']}", infos.get(f["path"], {"size": f["size"]}))
+                if version is not None:  # the remote object, as listed before the download, is known good now
+                    self.hashes.remember(version, f["sha256"])
             (tmp / MANIFEST).write_text(m.to_json())
             (tmp / ".verified").write_text(digest)
             if target.exists():
@@ -291,7 +427,17 @@ class ArtifactStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        for f in m.files:
+            self.hashes.remember(local_version(target / f["path"]), f["sha256"])
         return target
+
+    def _local_copy_matches(self, folder: Path, m: Manifest, deep: bool) -> bool:
+        for f in m.files:
+            p = folder / f["path"]
+            if not p.is_file() or p.stat().st_size != int(f["size"]) \
+                    or self.hashes.local_sha256(p, deep) != f["sha256"]:
+                return False
+        return True
 
     def get_uri(self, uri: str, deep: bool = False) -> Path:
         return self.get(*self.parse_uri(uri), deep=deep)
@@ -336,8 +482,9 @@ class ArtifactStore:
 
     def gc(self, *, min_age_s: float = 3600.0, keep: set[str] | None = None, unreferenced: bool = False,
            dry_run: bool = False) -> list[str]:
-        """Delete unfinished uploads older than `min_age_s`, checkpoints of stages whose final artifact exists,
-        and (with `unreferenced`) complete artifacts that no other artifact's lineage and no `keep` URI names.
+        """Delete unfinished uploads and cache records that name no existing artifact (left by failed stage runs)
+        older than `min_age_s`, checkpoints of stages whose final artifact exists, and (with `unreferenced`)
+        complete artifacts that no other artifact's lineage and no `keep` URI names.
         Returns the URIs removed (or that would be, with `dry_run`)."""
         keep = set(keep or ()) | self._run_record_uris()
         entries = list(self.ls())
@@ -356,10 +503,35 @@ class ArtifactStore:
                     doomed.append((kind, key))
             elif unreferenced and uri not in referenced and not kind.startswith("_"):
                 doomed.append((kind, key))
+        records = self._stale_cache_records(min_age_s, now)
         if not dry_run:
             for kind, key in doomed:
                 self.delete(kind, key)
-        return [self.uri(k, key) for k, key in doomed]
+            for path in records:
+                self.fs.rm(path)
+        return [self.uri(k, key) for k, key in doomed] + [self.url + p[len(self.root):] for p in records]
+
+    def _stale_cache_records(self, min_age_s: float, now: float) -> list[str]:
+        """Paths of the records under CACHE_RECORDS older than `min_age_s` whose result is not the URI of an
+        artifact that exists: a failed task's record (random name, an exception inside) or one whose artifact
+        was deleted. The flow ignores both (the store is the truth), so removing them changes nothing but space."""
+        try:
+            found = self.fs.find(f"{self.root}/{CACHE_RECORDS}", detail=True)
+        except FileNotFoundError:
+            return []
+        stale = []
+        for path, info in sorted(found.items()):
+            if now - _info_mtime(info) >= min_age_s and not self._record_names_artifact(path):
+                stale.append(path)
+        return stale
+
+    def _record_names_artifact(self, path: str) -> bool:
+        try:
+            with self.fs.open(path, "r") as f:
+                uri = json.loads(json.load(f)["result"])
+            return isinstance(uri, str) and self.read_manifest(*self.parse_uri(uri)) is not None
+        except (OSError, ValueError, KeyError, TypeError, StoreError):
+            return False
 
     def _run_record_uris(self) -> set[str]:
         """Artifact URIs named by the run records under `runs/` (roots that `gc --unreferenced` keeps)."""
@@ -381,16 +553,10 @@ class ArtifactStore:
 
     def _mtime(self, kind: str, key: str) -> float:
         base = self._path(kind, key)
-        newest = 0.0
         try:
-            for info in self.fs.find(base, detail=True).values():
-                t = info.get("mtime") or info.get("LastModified") or info.get("created")
-                if hasattr(t, "timestamp"):
-                    t = t.timestamp()
-                newest = max(newest, float(t or 0))
+            return max((_info_mtime(info) for info in self.fs.find(base, detail=True).values()), default=0.0)
         except FileNotFoundError:
-            pass
-        return newest
+            return 0.0
 
     # ---- small JSON documents beside artifacts (run records, progress) ------------------------------------
     def write_json(self, rel: str, obj: Any) -> str:
@@ -406,6 +572,17 @@ class ArtifactStore:
             return json.load(f)
 
 
+def _info_mtime(info: dict) -> float:
+    t = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return float(t.timestamp() if hasattr(t, "timestamp") else t or 0)
+
+
+def _refuse_dotdot(uri: str) -> None:
+    """`..` in an artifact URI would be resolved away before the name checks ever saw it: refuse it outright."""
+    if ".." in uri.replace("\\", "/").split("/"):
+        raise StoreError(f"{uri}: '..' is not allowed in an artifact URI")
+
+
 def _safe_dirname(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -413,6 +590,7 @@ def _safe_dirname(url: str) -> str:
 def open_store_for_uri(uri: str, endpoint_url: str | None = None) -> tuple[ArtifactStore, str, str]:
     """Open the store that holds an artifact URI `<root>/<kind>/<key>` -> (store, kind, key)."""
     u = uri.rstrip("/")
+    _refuse_dotdot(uri)
     if "://" not in u:
         u = str(Path(u).expanduser().resolve())
     parts = u.rsplit("/", 2)

@@ -47,7 +47,11 @@ def run(spec: StageSpec) -> None:
             store.put_dir(ck, f"ckpt-{spec.stage}", f"{spec.key}.step-{step:08d}")
             print("checkpoint committed at step 2; crashing", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-    (out / "result.json").write_text(json.dumps({"stage": spec.stage, "inputs": spec.inputs}, sort_keys=True))
+    # Inputs are read the way real stages read them (store.get_uri: checked by content), and what was read is
+    # recorded, so a test can tell which bytes a downstream stage consumed.
+    consumed = {name: (store.get_uri(uri) / "result.json").read_text() for name, uri in sorted(spec.inputs.items())}
+    (out / "result.json").write_text(json.dumps({"stage": spec.stage, "inputs": spec.inputs, "consumed": consumed},
+                                                sort_keys=True))
     if spec.stage == "eval":
         (out / "samples.json").write_text(json.dumps([{"prompt": "Hi?", "sft": "hello", "ppo": "hello there"}]))
     commit_stage_output(spec, out, {"fake_loss": 0.25, "resumed_from_step": start})
@@ -61,5 +65,5 @@ def install() -> None:
     from rlhf_tasks import stages
 
     for name, d in list(stages.STAGE_DEFS.items()):
-        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__, code=("stages.py",), distributed=False)
+        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__, distributed=False)
     stages.data_source_fingerprints = lambda cfg: [{"path": s.path} for s in cfg.data.sources]

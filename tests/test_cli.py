@@ -163,3 +163,33 @@ def test_cli_and_flows_import_in_either_order_in_a_fresh_interpreter():
     for code in (first_flows, first_cli):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert r.returncode == 0, r.stderr
+
+
+def _one_error_line(capsys, argv: list[str], needle: str) -> None:
+    from rlhf_tasks.cli import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], (argv, rc, err)
+
+
+def test_store_commands_refuse_bad_names_and_missing_stores(tmp_path, capsys):
+    """Reading a store that does not exist creates nothing; reserved kinds and `..` are refused (exit 2, one line)."""
+    typo = tmp_path / "sotre"
+    _one_error_line(capsys, ["store", "ls", "--store", str(typo)], "does not exist")
+    _one_error_line(capsys, ["store", "verify", f"{typo}/sft/k"], "does not exist")
+    _one_error_line(capsys, ["store", "get", f"{typo}/sft/k"], "does not exist")
+    _one_error_line(capsys, ["store", "gc", "--store", str(typo)], "does not exist")
+    assert not typo.exists()
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("x")
+    for kind, key, needle in [("runs", "r1", "reserved"), ("_prefect", "cache", "bad artifact kind"),
+                              (".git", "k", "bad artifact kind"), ("..", "k", "bad artifact kind"),
+                              ("sft", "../../etc", "bad artifact key"), ("/etc", "k", "bad artifact kind")]:
+        _one_error_line(capsys, ["store", "put", str(src), kind, key, "--store", str(store)], needle)
+    assert not store.exists()
+    _one_error_line(capsys, ["store", "get", f"{store}/sft/../../etc"], "'..' is not allowed")
+    _one_error_line(capsys, ["store", "verify", f"{store}/sft/.."], "'..' is not allowed")

@@ -422,8 +422,9 @@ def test_fingerprints(tmp_path):
 
     demo_fp = fingerprint_source(SourceConfig(path="demo"))
     assert demo_fp["kind"] == "demo" and demo_fp == fingerprint_source(SourceConfig(path="demo"))
-    hub = fingerprint_source(SourceConfig(path="Dahoas/rm-static", revision="abc"))
-    assert hub == {"kind": "hub", "name": "Dahoas/rm-static", "revision": "abc"}
+    sha = "0123456789abcdef0123456789abcdef01234567"  # pinned: used as given (moving refs: test_stage_keys.py)
+    hub = fingerprint_source(SourceConfig(path="Dahoas/rm-static", revision=sha))
+    assert hub == {"kind": "hub", "name": "Dahoas/rm-static", "revision": sha}
     d = tmp_path / "f"
     d.mkdir()
     write_jsonl(d / "train.jsonl", pairs(3))

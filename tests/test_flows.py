@@ -40,7 +40,7 @@ def fakes(monkeypatch, tmp_path, site_dir):
     """Fake stages here and in the jobs; returns a helper that reads which stages were launched."""
     for name, d in list(stages.STAGE_DEFS.items()):
         monkeypatch.setitem(stages.STAGE_DEFS, name, dataclasses.replace(
-            d, module="flow_fake_stages", code=("stages.py",), distributed=False))
+            d, module="flow_fake_stages", distributed=False))
     monkeypatch.setattr(stages, "data_source_fingerprints", lambda cfg: [{"path": s.path} for s in cfg.data.sources])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site_dir), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     events = tmp_path / "events.txt"
@@ -210,6 +210,29 @@ def test_deleted_or_corrupt_artifact_reruns_that_stage_only(fakes, tmp_path, pre
     assert sorted(fakes()) == ["reward", "sft"]
     assert second["stages"]["sft"]["prefect_state"] == "Completed"  # the stale cache record was not honoured
     assert all(store.exists(s, v["key"]) for s, v in second["stages"].items())
+
+
+def test_flipped_byte_is_recomputed_never_consumed(fakes, tmp_path, prefect_api, capsys):
+    """One flipped byte (same size) in the sft artifact: plan says sft fails verification and will re-run; the run
+    recomputes it before PPO reads it, so PPO consumes the good bytes."""
+    store_dir = tmp_path / "store"
+    first = run_cli(store_dir, tmp_path, "--until", "sft")
+    fakes()
+    result = store_dir / "sft" / first["stages"]["sft"]["key"] / "result.json"
+    good = result.read_bytes()
+    result.write_bytes(good[:10] + bytes([good[10] ^ 0x20]) + good[11:])
+    capsys.readouterr()
+    assert main(["plan", *_args(store_dir, tmp_path, "--until", "ppo"), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["sft"]["status"] == "will-run"
+    assert rows["sft"]["reason"].startswith("failed verification (") and "result.json sha256 mismatch" in \
+        rows["sft"]["reason"]
+    second = run_cli(store_dir, tmp_path, "--until", "ppo")
+    assert statuses(second) == {"data": "cached", "sft": "ran", "reward": "ran", "ppo": "ran"}
+    assert sorted(fakes()) == ["ppo", "reward", "sft"]
+    assert result.read_bytes() == good
+    ppo = json.loads((store_dir / "ppo" / second["stages"]["ppo"]["key"] / "result.json").read_text())
+    assert ppo["consumed"]["sft"] == good.decode()
 
 
 def test_killed_stage_is_retried_and_resumes(fakes, tmp_path, prefect_api, monkeypatch):

@@ -1,4 +1,6 @@
 """Model helpers: tiny models round-trip through from_pretrained; scoring reads the last real token by mask."""
+import json
+
 import torch
 
 from rlhf_tasks import models
@@ -31,7 +33,8 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
 
 def test_model_identity_forms(tmp_path):
     assert models.model_identity("tiny:llama", SHAPE)["tiny"] == "llama"
-    assert models.model_identity("facebook/opt-1.3b", revision="abc") == {"hub": "facebook/opt-1.3b", "revision": "abc"}
+    sha = "0123456789abcdef0123456789abcdef01234567"  # a pinned commit is used as given (tests/test_stage_keys.py)
+    assert models.model_identity("facebook/opt-1.3b", revision=sha) == {"hub": "facebook/opt-1.3b", "revision": sha}
     d = tmp_path / "m"
     d.mkdir()
     (d / "config.json").write_text("{}")
@@ -77,3 +80,26 @@ def test_set_dropout_turns_everything_off():
     m = models.load_causal_lm(str(path), dropout=0.0)
     assert all(x.p == 0.0 for x in m.modules() if isinstance(x, torch.nn.Dropout))
     assert m.config.dropout == 0.0
+
+
+def test_remote_code_in_a_model_folder_is_never_run(tmp_path):
+    """A folder whose config asks for custom code (`auto_map`) is refused by every loader; the code never runs."""
+    import pytest
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    marker = tmp_path / "code-ran"
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "evil-net", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil",
+                     "AutoModelForSequenceClassification": "modeling_evil.Evil",
+                     "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [
+        "tokenization_evil.EvilTokenizer", None]}}))
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
+        (d / name).write_text(code)
+    for load in (models.load_causal_lm, models.load_score_model, models.load_tokenizer):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            load(str(d))
+    assert not marker.exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_tasks.errors import ArtifactCorrupt, StoreError
-from rlhf_tasks.store import MANIFEST, compute_key, open_store_for_uri
+from rlhf_tasks.store import MANIFEST, MISSING, compute_key, open_store_for_uri, sha256_file
 
 
 def make_dir(root: Path, files: dict[str, bytes]) -> Path:
@@ -55,17 +55,56 @@ def test_put_is_idempotent_and_immutable(any_store, tmp_path):
     assert (any_store.get("data", "k1") / "a.txt").read_bytes() == b"one"
 
 
-def test_corruption_is_detected(any_store, tmp_path):
-    src = make_dir(tmp_path / "src", {"w.bin": b"x" * 100})
+def test_same_size_corruption_is_a_miss_and_a_recompute_replaces_it(any_store, tmp_path):
+    src = make_dir(tmp_path / "src", {"w.bin": b"x" * 100, "ok.txt": b"fine"})
     any_store.put_dir(src, "sft", "k")
+    assert any_store.check("sft", "k") is None
     path = f"{any_store.root}/sft/k/w.bin"
     with any_store.fs.open(path, "wb") as f:
         f.write(b"y" * 100)  # same size, different content
-    assert any_store.exists("sft", "k")  # cheap check sees sizes only
+    assert not any_store.exists("sft", "k")  # not a cache hit
+    assert "w.bin sha256 mismatch" in any_store.check("sft", "k")
+    with pytest.raises(ArtifactCorrupt, match="w.bin sha256 mismatch"):
+        any_store.get("sft", "k")  # never handed to a stage
     with pytest.raises(ArtifactCorrupt, match="sha256"):
         any_store.verify("sft", "k", deep=True)
+    any_store.put_dir(src, "sft", "k")  # the recompute commits over the corrupted artifact
+    assert any_store.exists("sft", "k")
+    assert (any_store.get("sft", "k") / "w.bin").read_bytes() == b"x" * 100
     any_store.fs.rm(path)
-    assert not any_store.exists("sft", "k")
+    assert "missing file w.bin" in any_store.check("sft", "k")
+    assert any_store.check("sft", "nothing") == MISSING
+
+
+def test_a_rewrite_that_restores_mtime_is_still_seen(local_store, tmp_path):
+    src = make_dir(tmp_path / "src", {"model.safetensors": os.urandom(4096)})
+    local_store.put_dir(src, "sft", "k")
+    target = Path(local_store.root) / "sft" / "k" / "model.safetensors"
+    st = target.stat()
+    with open(target, "r+b") as f:  # flip one byte in place
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    assert "model.safetensors sha256 mismatch" in local_store.check("sft", "k")
+
+
+def test_file_hashes_are_remembered_outside_the_artifact(any_store, tmp_path):
+    """The commit records each uploaded file version's sha256 in the store's cache_dir, so the first check of a
+    fresh artifact reads nothing, and the artifact folder holds only its files and manifest."""
+    src = make_dir(tmp_path / "src", {"a.bin": os.urandom(2000), "sub/b.bin": os.urandom(10)})
+    any_store.put_dir(src, "sft", "k")
+    records = [p for p in (tmp_path / "cache" / "sha256").rglob("*") if p.is_file()]
+    assert sorted(p.read_text() for p in records) == sorted(sha256_file(src / r) for r in ("a.bin", "sub/b.bin"))
+    listed = {p.rsplit("/", 1)[-1] for p in any_store.fs.find(f"{any_store.root}/sft/k")}
+    assert listed == {"a.bin", "b.bin", MANIFEST}
+    for rec in records:  # a wrong remembered hash would be believed: proof that checks use the memory
+        rec.write_text("0" * 64)
+    assert "sha256 mismatch" in any_store.check("sft", "k")
+    assert any_store.verify("sft", "k", deep=True)  # deep re-reads every byte (and refreshes the memory)
+    assert any_store.check("sft", "k") is None
 
 
 def test_names_cannot_escape_root(local_store, tmp_path):
@@ -77,6 +116,26 @@ def test_names_cannot_escape_root(local_store, tmp_path):
     with pytest.raises(StoreError):
         local_store.write_json("../escape.json", {})
     assert not (tmp_path / "escape.json").exists()
+    for kind in ("runs", "_prefect", ".hidden", "_x"):  # reserved folders beside the artifacts
+        with pytest.raises(StoreError, match="reserved|bad artifact kind"):
+            local_store.put_dir(src, kind, "r1")
+    assert not (Path(local_store.root) / "runs").exists() and not (Path(local_store.root) / "_prefect").exists()
+    local_store.put_dir(src, "sft", "k")
+    for uri in (f"{local_store.url}/sft/../sft/k", f"{local_store.url}/sft/k/..", f"{tmp_path}/../x/sft/k"):
+        with pytest.raises(StoreError, match="'..' is not allowed"):
+            open_store_for_uri(uri)
+        with pytest.raises(StoreError, match="'..' is not allowed"):
+            local_store.get_uri(uri)
+
+
+def test_reading_a_missing_store_creates_nothing(tmp_path):
+    from rlhf_tasks.store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "typo"), cache_dir=tmp_path / "cache")
+    assert list(store.ls()) == [] and not store.exists("sft", "k")
+    with pytest.raises(StoreError, match="does not exist"):
+        store.require_existing()
+    assert not (tmp_path / "typo").exists()
 
 
 def test_bad_manifest_means_absent(any_store, tmp_path):
@@ -170,6 +229,31 @@ def test_run_records_are_not_artifacts_and_are_gc_roots(local_store, tmp_path):
     assert [(k, key) for k, key, _ in local_store.ls()] == [("eval", "e1"), ("eval", "e2")]
     assert local_store.gc(unreferenced=True) == [local_store.uri("eval", "e2")]
     assert local_store.read_json("runs/r1.json")["stages"]["eval"]["uri"] == kept
+
+
+def _cache_record(store, name: str, result) -> None:
+    """A record as Prefect writes it to result storage: metadata plus the serialized (JSON) result."""
+    store.fs.makedirs(f"{store.root}/_prefect/cache", exist_ok=True)
+    with store.fs.open(f"{store.root}/_prefect/cache/{name}", "w") as f:
+        json.dump({"metadata": {"storage_key": name, "serializer": {"type": "json"}},
+                   "result": json.dumps(result)}, f)
+
+
+def test_gc_removes_cache_records_that_name_no_artifact(any_store, tmp_path):
+    src = make_dir(tmp_path / "src", {"a": b"1"})
+    live = any_store.put_dir(src, "sft", "live")
+    gone = any_store.put_dir(src, "sft", "gone")
+    any_store.delete("sft", "gone")
+    _cache_record(any_store, "rlhf-v1-sft-live", live)
+    _cache_record(any_store, "rlhf-v1-sft-gone", gone)
+    _cache_record(any_store, "3f1c9a0e2b7d4c5e8f6a1b2c3d4e5f6a", {"type": "reference", "message": "stage failed"})
+    assert any_store.gc(min_age_s=3600) == []  # young records are left alone (a run may be writing them)
+    base = f"{any_store.url}/_prefect/cache"
+    expected = {f"{base}/rlhf-v1-sft-gone", f"{base}/3f1c9a0e2b7d4c5e8f6a1b2c3d4e5f6a"}
+    assert set(any_store.gc(min_age_s=0, dry_run=True)) == expected
+    assert set(any_store.gc(min_age_s=0)) == expected
+    left = [p.rsplit("/", 1)[-1] for p in any_store.fs.find(f"{any_store.root}/_prefect/cache")]
+    assert left == ["rlhf-v1-sft-live"] and any_store.exists("sft", "live")
 
 
 def test_stage_failed_pickles():

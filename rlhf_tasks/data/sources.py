@@ -15,7 +15,6 @@ header; hub splits: index + 1). Sources made of several files name the file in m
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 from ..config import SourceConfig
 from ..errors import ConfigError, DataError
+from ..hub import resolve_hub_revision
+from ..store import default_hashes
 from . import constraints, demo
 from .gold import known_gold_scorers
 
@@ -151,29 +152,22 @@ def resolve_sources(sources: list[SourceConfig]) -> list[ResolvedSource]:
 
 
 # ---- fingerprints (cheap: content hashes, no parsing) ------------------------------------------------------
-_SHA_CACHE: dict[tuple, str] = {}
+def hub_dataset_revision(r: ResolvedSource) -> str:
+    """The commit SHA a hub source stands for (hub.resolve_hub_revision; ConfigError naming the source)."""
+    return resolve_hub_revision(r.cfg.path, r.cfg.revision, "dataset", where=f"{r.where}.path",
+                                revision_field=f"{r.where}.revision")
 
 
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
-def fingerprint_source(src: SourceConfig) -> dict:
-    """What a data stage key records about a source: sha256 of every local file it reads (shipped tasks: their file),
-    or the hub name and revision. Reads bytes only; nothing is parsed or downloaded."""
-    r = resolve_source(src)
+def fingerprint_source(src: SourceConfig, where: str = "data.sources") -> dict:
+    """What a data stage key records about a source: sha256 of every local file it reads (shipped tasks: their file;
+    hashes remembered per file version), or the hub name and the commit SHA it resolves to. Reads bytes only;
+    nothing is parsed or downloaded."""
+    r = resolve_source(src, where)
     if r.kind == "hub":
-        return {"kind": "hub", "name": src.path, "revision": src.revision or "main"}
+        return {"kind": "hub", "name": src.path, "revision": hub_dataset_revision(r)}
     files = sorted({f for fs in r.files.values() for f in fs})
-    return {"kind": r.kind, "files": {f.relative_to(r.root).as_posix(): _file_sha256(f) for f in files}}
+    hashes = default_hashes()
+    return {"kind": r.kind, "files": {f.relative_to(r.root).as_posix(): hashes.local_sha256(f) for f in files}}
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
@@ -268,11 +262,12 @@ def read_file(path: Path, label: str, max_rows: int | None = None) -> tuple[list
 
 def _load_hub(r: ResolvedSource, split: str) -> tuple[list[RawRow], list[str]]:
     datasets = _quiet_datasets()
+    revision = hub_dataset_revision(r)  # the commit the data key names
     try:
-        ds = datasets.load_dataset(r.cfg.path, revision=r.cfg.revision, split=split)
+        ds = datasets.load_dataset(r.cfg.path, revision=revision, split=split)
     except Exception as e:  # noqa: BLE001 - network, missing split, auth: one line for the user
         raise DataError(f"{r.name}: {r.cfg.path!r} is no local file or folder, and loading it as a hub dataset "
-                        f"(split {split!r}, revision {r.cfg.revision or 'main'}) failed: {_short(e)}") from None
+                        f"(split {split!r}, revision {revision[:12]}) failed: {_short(e)}") from None
     if r.cfg.max_rows is not None and len(ds) > r.cfg.max_rows:
         ds = ds.select(range(r.cfg.max_rows))
     return [RawRow(r.name, i + 1, row) for i, row in enumerate(ds.to_list())], list(ds.column_names)

@@ -33,7 +33,8 @@ def load_data_tokenizer(cfg: PipelineConfig):
     """The tokenizer the data is encoded with: `models.tokenizer`, else the actor's."""
     from .. import models
 
-    return models.load_tokenizer(models.resolve_model(tokenizer_ref(cfg), cfg.models.tiny), padding_side="right")
+    return models.load_tokenizer(models.resolve_model(tokenizer_ref(cfg), cfg.models.tiny,
+                                                      revision=cfg.models.revision), padding_side="right")
 
 
 def _log(msg: str) -> None:

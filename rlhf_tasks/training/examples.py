@@ -34,7 +34,7 @@ def resolve_model_path(ref: str, ctx: StageContext) -> str:
     """A model reference (tiny:*, store URI, folder, hub name) as a local path, built/downloaded once per node."""
     from ..models import resolve_model
 
-    return local_first(lambda: resolve_model(ref, ctx.cfg.models.tiny, ctx.store))
+    return local_first(lambda: resolve_model(ref, ctx.cfg.models.tiny, ctx.store, ctx.cfg.models.revision))
 
 
 def load_examples(ctx: StageContext, phase: str, split: str, tokenizer, columns=("chosen",)) -> dict[str, list]:
