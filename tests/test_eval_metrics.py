@@ -93,4 +93,53 @@ def test_summarize_by_hand():
     assert s["len_sft"] == 3.0 and s["len_ppo"] == 2.0
     assert s["eos_rate_sft"] == 0.5 and s["eos_rate_ppo"] == 1.0
     assert "kl_sft_ref" not in s
+    assert s["gold_gain"] == -0.5 and s["gold_gain_ci_low"] == s["gold_gain_ci_high"] == -0.5  # one gold pair
+    assert s["gold_sign_p"] == 1.0  # one loss: p = 2 * 1/2
+    assert s["distinct1_sft"] == 1.0 and "distinct2_sft" not in s  # one-word answers have no word pairs
+    assert s["repetition_ppo"] == 0.0
     assert all(isinstance(v, float) for v in s.values())
+
+
+def test_distinct_n_and_repetition_by_hand():
+    assert metrics.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+    assert metrics.ngrams(["a"], 2) == []
+    # words a b a b | a b: bigrams ab ba ab | ab -> 2 distinct of 4; words: 2 distinct of 6
+    assert metrics.distinct_n(["a b a b", "A  b"], 2) == 0.5
+    assert metrics.distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert metrics.distinct_n(["the cat is warm", "a dog is calm"], 2) == 1.0
+    assert math.isnan(metrics.distinct_n(["x", ""], 2))
+    # "and and and": bigrams (and and) x2, one repeat of 2 -> 0.5; a plain sentence 0; mean 0.25
+    assert metrics.repetition_rate(["and and and", "the cat is warm"]) == 0.25
+    assert metrics.repetition_rate(["x"]) == 0.0 and math.isnan(metrics.repetition_rate([]))
+    assert metrics.repetitive(0.25) and not metrics.repetitive(0.2) and not metrics.repetitive(math.nan)
+    assert metrics.less_diverse(0.5, 0.7) and not metrics.less_diverse(0.6, 0.7)  # 0.8 x 0.7 = 0.56
+
+
+def test_sign_test_exact_binomial_by_hand():
+    # 8 wins, 2 losses, 1 tie (dropped): p = 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
+    a, b = [1] * 8 + [0] * 2 + [3], [0] * 8 + [1] * 2 + [3]
+    assert metrics.sign_test_p(a, b) == 0.109375
+    assert metrics.sign_test_p(b, a) == 0.109375  # two-sided
+    assert metrics.sign_test_p([1] * 6, [0] * 6) == 2 / 64
+    assert metrics.sign_test_p([1] * 5 + [0] * 5, [0] * 5 + [1] * 5) == 1.0  # capped at 1
+    assert metrics.sign_test_p([2, 2], [2, 2]) == 1.0 and math.isnan(metrics.sign_test_p([], []))
+    with pytest.raises(ValueError):
+        metrics.sign_test_p([1], [])
+
+
+def test_paired_bootstrap_ci_by_hand():
+    assert metrics.paired_bootstrap_ci([1.5] * 5, [1.0] * 5) == (0.5, 0.5, 0.5)  # no spread
+    # differences 0 and 1: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so with 2000
+    # resamples far more than the 50 outermost ones are 0 and 1: the 95% interval is [0, 1]
+    assert metrics.paired_bootstrap_ci([0.0, 1.0], [0.0, 0.0]) == (0.5, 0.0, 1.0)
+    # one resample: low and high are that resample's mean
+    m, lo, hi = metrics.paired_bootstrap_ci([0.0, 1.0, 2.0], [0.0] * 3, resamples=1, seed=3)
+    assert m == 1.0 and lo == hi and lo in {i / 3 for i in range(7)}
+    # seeded and antisymmetric: swapping the sides draws the same resamples and negates every mean
+    a, b = [0.3, 0.9, 0.1, 0.7, 0.8, 0.2], [0.1, 0.2, 0.4, 0.1, 0.5, 0.3]
+    m, lo, hi = metrics.paired_bootstrap_ci(a, b, seed=5)
+    assert metrics.paired_bootstrap_ci(a, b, seed=5) == (m, lo, hi)
+    m2, lo2, hi2 = metrics.paired_bootstrap_ci(b, a, seed=5)
+    assert (m2, lo2, hi2) == pytest.approx((-m, -hi, -lo))
+    assert lo < m < hi and m == pytest.approx(1.4 / 6)  # differences .2 .7 -.3 .6 .3 -.1
+    assert all(math.isnan(x) for x in metrics.paired_bootstrap_ci([], []))

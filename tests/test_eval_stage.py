@@ -96,7 +96,8 @@ def upstream(tmp_path_factory):
     _perturbed(root / "sft", d / "actor", seed=2, std=0.05)
     shutil.copytree(root / "sft", d / "ema", ignore=shutil.ignore_patterns("metrics.json"))  # EMA == reference
     (d / "metrics.json").write_text(json.dumps({"summary": {"reward_mean": 0.3}, "history": [
-        {"step": s, "reward_mean": 0.1 * s, "kl": 0.02 * s, "response_length": 8 + s, "gold": 0.1 * s}
+        {"step": s, "reward/score_mean": 0.1 * s, "kl/ref": 0.02 * s, "response/length": 8 + s, "gold": 0.1 * s,
+         "entropy": 2.0 - 0.1 * s}
         for s in range(1, 10)]}))
     uris["ppo"] = store.put_dir(d, "ppo", "p0")
     return store, uris
@@ -166,12 +167,20 @@ def test_summary_is_consistent_with_the_samples(evaluated):
     assert s["rm_ema"] == s["rm_sft"] and s["win_rate_rm_ema"] == 0.5
     assert s["kl_ppo_ref"] != 0.0 and s["kl_ppo_ref_exact"] > 0.0
     assert 0.0 <= s["rm_accuracy"] <= 1.0 and s["num_pairs"] == 8
+    # both decodings: the primary (greedy here) unprefixed and as greedy/, the other as sampled/ and per sample
+    for key in ("gold_ppo", "kl_ppo_ref_exact", "distinct2_ppo", "repetition_sft", "gold_gain", "gold_sign_p"):
+        assert s[key] == s[f"greedy/{key}"], key
+    assert s["sampled/rm_ppo"] == pytest.approx(sum(x["ppo"]["sampled"]["rm"] for x in samples) / 6)
+    assert [x["sft"]["sampled"]["response"] for x in samples] != [x["sft"]["response"] for x in samples]
+    assert s["gold_gain_ci_low"] <= s["gold_gain"] <= s["gold_gain_ci_high"]
+    assert s["gold_gain"] == pytest.approx(s["gold_ppo"] - s["gold_sft"])
     # the report: every section, real plots of every upstream stage with a history
     text = (folder / "report.md").read_text()
+    assert text.splitlines()[2].startswith("**Verdict: ")
     for section in report.SECTIONS:
         assert section in text
     assert "PPO (EMA)" in text
-    for name in ("sft", "reward", "ppo", "eval_scores"):
+    for name in ("ppo_glance", "sft", "reward", "ppo", "eval_scores"):
         png = folder / "plots" / f"{name}.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / "metrics.json").read_text())["samples"] == samples[:3]

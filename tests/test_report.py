@@ -160,3 +160,51 @@ def test_publish_from_a_store_uri_and_run_id(tmp_path, any_store):
         report.publish_report(target, store=any_store, markdown=lambda **kw: got.update(kw))
         assert got["key"] == "rlhf-eval-report" and "## Training curves" in got["markdown"]
         assert got["markdown"].count("data:image/png;base64,") == 4
+
+
+def _two_decodings(greedy_gain=(0.2, 0.1, 0.3), sampled_gain=(0.05, -0.02, 0.12), rep=(0.0, 0.0, 0.0, 0.0),
+                   distinct2=(0.9, 0.85, 0.9, 0.9)):
+    """A summary with greedy/ and sampled/ keys: gains (mean, ci_low, ci_high) of PPO over SFT, repetition and
+    distinct-2 as (sft greedy, ppo greedy, sft sampled, ppo sampled)."""
+    s = {"num_prompts": 64.0, "win_rate_rm": 0.7}
+    for i, (d, gain) in enumerate((("greedy", greedy_gain), ("sampled", sampled_gain))):
+        for j, p in enumerate(("sft", "ppo")):
+            s.update({f"{d}/rm_{p}": 0.1 + j, f"{d}/gold_{p}": 0.5 + j * gain[0], f"{d}/repetition_{p}": rep[2 * i + j],
+                      f"{d}/distinct2_{p}": distinct2[2 * i + j]})
+        s.update({f"{d}/gold_gain": gain[0], f"{d}/gold_gain_ci_low": gain[1], f"{d}/gold_gain_ci_high": gain[2],
+                  f"{d}/gold_sign_p": 0.01, f"{d}/kl_ppo_ref_exact": 2.5})
+    return s
+
+
+def test_verdict_is_decided_on_the_primary_decodings_interval():
+    s = _two_decodings()
+    line = report.verdict(s, "greedy")
+    assert line.startswith("**Verdict: PPO beat SFT on gold beyond noise** over 64 held-out prompts")
+    assert "greedy answers +0.200 (95% CI +0.100 to +0.300, sign test p = 0.01)" in line
+    assert "sampled +0.050 (95% CI -0.020 to +0.120" in line and "KL to SFT 2.50 nats/answer" in line
+    assert "no gold difference between PPO and SFT beyond noise" in report.verdict(s, "sampled")
+    worse = _two_decodings(greedy_gain=(-0.2, -0.3, -0.1))
+    assert "PPO is worse than SFT on gold beyond noise" in report.verdict(worse, "greedy")
+    assert "no gold scorer" in report.verdict({"win_rate_rm": 0.6, "num_prompts": 3.0})
+    assert report.verdict({"rm_sft": 0.1}) == ""
+
+
+def test_report_flags_greedy_loops_and_collapse(tmp_path):
+    assert report.degeneration_notes(_two_decodings()) == []
+    loops = report.degeneration_notes(_two_decodings(rep=(0.4, 0.5, 0.05, 0.0)))  # only greedy answers loop
+    assert len(loops) == 1 and "SFT greedy (0.40), PPO greedy (0.50)" in loops[0]
+    assert "only greedy answers loop" in loops[0] and "judge them by the sampled answers" in loops[0]
+    hack = report.degeneration_notes(_two_decodings(rep=(0.0, 0.5, 0.0, 0.6)))
+    assert "only PPO's answers loop" in hack[0] and "reward hacking" in hack[0]
+    narrow = report.degeneration_notes(_two_decodings(distinct2=(0.9, 0.5, 0.9, 0.9)))
+    assert len(narrow) == 1 and "PPO greedy answers have distinct-2 0.50, below 0.8x SFT's 0.90" in narrow[0]
+    # in the report: the verdict right under the title, the notes before the table, both decodings as columns
+    src = make_eval_folder(tmp_path / "eval", summary=_two_decodings(rep=(0.4, 0.5, 0.05, 0.0)),
+                           meta={"config": {"do_sample": True, "temperature": 1.0}})
+    text = report.write_report(src, src).read_text()
+    lines = text.splitlines()
+    assert lines[2].startswith("**Verdict: no gold difference") and "sampled answers +0.050" in lines[2]
+    assert text.index("**Degenerate answers:**") < text.index("## Comparison")
+    assert "| metric | SFT greedy | PPO greedy | SFT sampled | PPO sampled |" in text
+    assert "| gold − SFT's, mean [95% paired bootstrap CI] | — | +0.200 [+0.100, +0.300] | — | +0.050 [-0.020, " \
+           "+0.120] |" in text

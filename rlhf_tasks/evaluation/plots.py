@@ -20,6 +20,10 @@ PRIORITY = ("loss", "acc", "reward", "score", "gold", "kl", "response_len", "len
             "explained_var", "clip", "lr", "tokens_per_s")
 SKIP = {"step", "epoch", "time", "timestamp", "wall", "global_step"}
 MAX_PANELS = 12
+# "Did step 3 work" at a glance: the PPO history keys (rlhf_tasks/ppo/trainer.py) of score, KL, entropy, length,
+# the update statistics and the gold score, plotted first and together.
+PPO_GLANCE = ("reward/score_mean", "kl/ref", "entropy", "response/length", "policy/approx_kl", "policy/clipfrac",
+              "gold/mean", "response/eos_rate")
 STAGE_TITLES = {"data": "Data", "sft": "SFT", "reward": "Reward model", "ppo": "PPO", "eval": "Evaluation"}
 
 
@@ -56,11 +60,12 @@ def order_keys(keys: Iterable[str]) -> list[str]:
     return sorted(keys, key=rank)
 
 
-def plot_history(history: list[dict], title: str, path: Path, max_panels: int = MAX_PANELS) -> bool:
-    """One PNG with a panel per numeric metric over steps. Returns False (and writes nothing) when there is
-    nothing to plot."""
+def plot_history(history: list[dict], title: str, path: Path, max_panels: int = MAX_PANELS,
+                 keys: Iterable[str] | None = None) -> bool:
+    """One PNG with a panel per numeric metric over steps (only `keys`, in their order, when given). Returns False
+    (and writes nothing) when there is nothing to plot."""
     data = series(history)
-    keys = order_keys(data)[:max_panels]
+    keys = [k for k in keys if k in data] if keys is not None else order_keys(data)[:max_panels]
     if not keys:
         return False
     ncols = min(3, len(keys))
@@ -120,9 +125,13 @@ def safe_name(name: str) -> str:
 
 def make_plots(curves: dict[str, list[dict]], samples: list[dict], policies: list[str],
                out_dir: Path) -> dict[str, str]:
-    """Write plots/<stage>.png for every stage with a history and plots/eval_scores.png.
+    """Write plots/ppo_glance.png (`PPO_GLANCE`), plots/<stage>.png for every stage with a history and
+    plots/eval_scores.png.
     Returns {name: path relative to out_dir} in display order."""
     made: dict[str, str] = {}
+    if "ppo" in curves and plot_history(curves["ppo"], "PPO at a glance", out_dir / "plots/ppo_glance.png",
+                                        keys=PPO_GLANCE):
+        made["ppo_glance"] = "plots/ppo_glance.png"
     order = [s for s in STAGE_TITLES if s in curves] + sorted(s for s in curves if s not in STAGE_TITLES)
     for stage in order:
         rel = f"plots/{safe_name(stage)}.png"

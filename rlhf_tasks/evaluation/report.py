@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import StoreError, UserError
-from . import plots
+from . import metrics, plots
 
 POLICY_ORDER = ("sft", "ppo", "ema")
 POLICY_TITLES = {"sft": "SFT", "ppo": "PPO", "ema": "PPO (EMA)"}
+DECODINGS = ("greedy", "sampled")  # summary key prefixes `greedy/`, `sampled/` (evaluation.stage)
 MAX_CELL = 240
 
 
@@ -47,7 +48,7 @@ def load_eval_folder(src: Path) -> tuple[dict, list[dict], dict]:
 
 
 def policies_of(summary: dict) -> list[str]:
-    return [p for p in POLICY_ORDER if f"rm_{p}" in summary]
+    return [p for p in POLICY_ORDER if any(f"{pre}rm_{p}" in summary for pre in ("", "greedy/", "sampled/"))]
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
@@ -68,29 +69,48 @@ def _pm(summary: dict, key: str) -> str:
     return _fmt(summary[key]) + (f" ± {_fmt(std)}" if std is not None else "")
 
 
-def comparison_rows(summary: dict) -> list[dict[str, str]]:
-    """The comparison table as rows {metric, <POLICY TITLE>...}; rows with no value for any policy are left
-    out. Used for report.md and for the Prefect table artifact."""
+def table_columns(summary: dict) -> list[tuple[str, str, str]]:
+    """(column title, policy, key prefix) of the comparison table: each policy under each decoding the summary
+    has (`greedy/`, `sampled/` keys), or each policy once (older artifacts with unprefixed keys only)."""
     pols = policies_of(summary)
+    decs = [d for d in DECODINGS if f"{d}/rm_sft" in summary]
+    if not decs:
+        return [(POLICY_TITLES[p], p, "") for p in pols]
+    return [(f"{POLICY_TITLES[p]} {d}", p, f"{d}/") for d in decs for p in pols]
 
-    def win(metric: str, p: str) -> str:
-        if p == "sft":
+
+def comparison_rows(summary: dict) -> list[dict[str, str]]:
+    """The comparison table as rows {metric, <column title>...}; rows with no value for any column are left
+    out. Used for report.md and for the Prefect table artifact."""
+
+    def vs_sft(name: str, p: str, pre: str, digits: int = 3) -> str:
+        return "—" if p == "sft" else _fmt(summary.get(pre + name + ("" if p == "ppo" else f"_{p}")), digits)
+
+    def gain(p: str, pre: str) -> str:
+        g = pre + "gold_gain" + ("" if p == "ppo" else f"_{p}")
+        if p == "sft" or g not in summary:
             return "—"
-        return _fmt(summary.get(f"win_rate_{metric}" + ("" if p == "ppo" else f"_{p}")))
+        return f"{summary[g]:+.3f} [{summary[g + '_ci_low']:+.3f}, {summary[g + '_ci_high']:+.3f}]"
 
-    spec: list[tuple[str, Callable[[str], str]]] = [
-        ("reward-model score (mean ± std)", lambda p: _pm(summary, f"rm_{p}")),
-        ("gold score (mean ± std)", lambda p: _pm(summary, f"gold_{p}")),
-        ("win rate vs SFT, reward model", lambda p: win("rm", p)),
-        ("win rate vs SFT, gold", lambda p: win("gold", p)),
-        ("KL to reference (SFT), nats/answer", lambda p: _pm(summary, f"kl_{p}_ref")),
-        ("exact per-token KL to reference, nats/answer", lambda p: _fmt(summary.get(f"kl_{p}_ref_exact"))),
-        ("response length, tokens", lambda p: _fmt(summary.get(f"len_{p}"), 1)),
-        ("EOS rate", lambda p: _fmt(summary.get(f"eos_rate_{p}"))),
+    spec: list[tuple[str, Callable[[str, str], str]]] = [
+        ("reward-model score (mean ± std)", lambda p, pre: _pm(summary, f"{pre}rm_{p}")),
+        ("gold score (mean ± std)", lambda p, pre: _pm(summary, f"{pre}gold_{p}")),
+        ("gold − SFT's, mean [95% paired bootstrap CI]", gain),
+        ("sign test p, gold vs SFT", lambda p, pre: vs_sft("gold_sign_p", p, pre, 4)),
+        ("win rate vs SFT, reward model", lambda p, pre: vs_sft("win_rate_rm", p, pre)),
+        ("win rate vs SFT, gold", lambda p, pre: vs_sft("win_rate_gold", p, pre)),
+        ("KL to reference (SFT), nats/answer", lambda p, pre: _pm(summary, f"{pre}kl_{p}_ref")),
+        ("exact per-token KL to reference, nats/answer", lambda p, pre: _fmt(summary.get(f"{pre}kl_{p}_ref_exact"))),
+        ("response length, tokens", lambda p, pre: _fmt(summary.get(f"{pre}len_{p}"), 1)),
+        ("EOS rate", lambda p, pre: _fmt(summary.get(f"{pre}eos_rate_{p}"))),
+        ("distinct-1 (words)", lambda p, pre: _fmt(summary.get(f"{pre}distinct1_{p}"))),
+        ("distinct-2 (word pairs)", lambda p, pre: _fmt(summary.get(f"{pre}distinct2_{p}"))),
+        ("repetition rate (repeated word pairs)", lambda p, pre: _fmt(summary.get(f"{pre}repetition_{p}"))),
     ]
+    cols = table_columns(summary)
     rows = []
     for label, fn in spec:
-        row = {"metric": label, **{POLICY_TITLES[p]: fn(p) for p in pols}}
+        row = {"metric": label, **{title: fn(p, pre) for title, p, pre in cols}}
         if any(v != "—" for k, v in row.items() if k != "metric"):
             rows.append(row)
     return rows
@@ -143,15 +163,20 @@ def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) 
     cfg = meta.get("config", {}) or {}
     pols = policies_of(summary)
     n_show = int(cfg.get("num_samples_in_report", 8))
-    decoding = (f"sampling (temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, seed {cfg.get('seed')})"
-                if cfg.get("do_sample") else "greedy decoding")
+    primary = primary_decoding(cfg)
+    sampling = f"sampling (temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, seed {cfg.get('seed')})"
+    both = any(f"{d}/rm_sft" in summary for d in DECODINGS)
+    decoding = (f"answered greedily and by {sampling}; the verdict and the sample answers use the {primary} ones"
+                if both else sampling if primary == "sampled" else "greedy decoding")
     lines = [f"# RLHF evaluation: {meta.get('experiment', 'experiment')}", ""]
+    line = verdict(summary, primary)
+    if line:
+        lines += [line, ""]
     lines.append(f"{int(summary.get('num_prompts', len(samples)))} held-out prompts, {decoding}, "
                  f"at most {cfg.get('max_new_tokens', '?')} new tokens. Policies: "
                  + ", ".join(POLICY_TITLES[p] for p in pols) + ".")
-    verdict = _verdict(summary)
-    if verdict:
-        lines += ["", verdict]
+    for note in degeneration_notes(summary, primary):
+        lines += ["", note]
     lines += ["", SECTIONS[0], "", markdown_table(comparison_rows(summary))]
     lines += [SECTIONS[1], ""]
     if "rm_accuracy" in summary:
@@ -169,7 +194,8 @@ def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) 
     lines += [SECTIONS[3], ""]
     if plot_paths:
         for name, rel in plot_paths.items():
-            title = "Evaluation scores" if name == "eval_scores" else plots.STAGE_TITLES.get(name, name)
+            title = {"eval_scores": "Evaluation scores", "ppo_glance": "PPO at a glance"}.get(
+                name, plots.STAGE_TITLES.get(name, name))
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     else:
         lines += ["_No training history found in the upstream artifacts._", ""]
@@ -182,16 +208,75 @@ def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) 
     return "\n".join(lines)
 
 
-def _verdict(summary: dict) -> str:
-    parts = []
-    if "gold_ppo" in summary and "gold_sft" in summary:
-        d = summary["gold_ppo"] - summary["gold_sft"]
-        parts.append(f"gold score {_fmt(summary['gold_sft'])} → {_fmt(summary['gold_ppo'])} ({d:+.3f})")
-    if "win_rate_rm" in summary:
-        parts.append(f"PPO wins {100 * summary['win_rate_rm']:.0f}% of prompts under the reward model")
-    if "kl_ppo_ref" in summary:
-        parts.append(f"KL to the SFT reference {_fmt(summary['kl_ppo_ref'])} nats/answer")
-    return ("**PPO vs SFT:** " + "; ".join(parts) + ".") if parts else ""
+def primary_decoding(cfg: dict) -> str:
+    """The decoding the eval config names (`do_sample`): the one the verdict is decided on."""
+    return "sampled" if cfg.get("do_sample") else "greedy"
+
+
+def _gain_text(summary: dict, pre: str) -> str | None:
+    g = f"{pre}gold_gain"
+    if g not in summary:
+        return None
+    text = (f"{summary[g]:+.3f} (95% CI {summary[g + '_ci_low']:+.3f} to {summary[g + '_ci_high']:+.3f}")
+    if f"{pre}gold_sign_p" in summary:
+        text += f", sign test p = {summary[pre + 'gold_sign_p']:.2g}"
+    return text + ")"
+
+
+def verdict(summary: dict, primary: str = "greedy") -> str:
+    """One line: did PPO beat SFT on gold beyond noise? Decided on the `primary` decoding's paired bootstrap
+    interval of the mean gold difference over the held-out prompts (beyond noise = the whole 95% interval above
+    zero; worse = below zero); the other decoding's difference, the KL and the prompt count follow."""
+    n = int(summary.get("num_prompts", 0))
+    pre = f"{primary}/" if f"{primary}/rm_sft" in summary else ""
+    g = f"{pre}gold_gain"
+    if g not in summary:
+        if "win_rate_rm" in summary:
+            return (f"**Verdict: no gold scorer on these prompts**; PPO wins {100 * summary['win_rate_rm']:.0f}% "
+                    f"of {n} prompts under the reward model (which PPO optimised, so this is no proof).")
+        return ""
+    lo, hi = summary[g + "_ci_low"], summary[g + "_ci_high"]
+    head = ("PPO beat SFT on gold beyond noise" if lo > 0 else "PPO is worse than SFT on gold beyond noise"
+            if hi < 0 else "no gold difference between PPO and SFT beyond noise")
+    parts = [f"{primary} answers {_gain_text(summary, pre)}"]
+    other = next((d for d in DECODINGS if d != primary and f"{d}/gold_gain" in summary), None)
+    if other:
+        parts.append(f"{other} {_gain_text(summary, other + '/')}")
+    kl = summary.get(f"{pre}kl_ppo_ref_exact", summary.get("kl_ppo_ref"))
+    if kl is not None:
+        parts.append(f"KL to SFT {kl:.2f} nats/answer")
+    return f"**Verdict: {head}** over {n} held-out prompts: " + "; ".join(parts) + "."
+
+
+def degeneration_notes(summary: dict, primary: str = "greedy") -> list[str]:
+    """Warnings when answers are loops (`metrics.repetitive`) or PPO's are much less diverse than SFT's
+    (`metrics.less_diverse`), with the likely reason: greedy decoding when only greedy answers loop, PPO when
+    only its answers do (reward hacking), the models themselves otherwise."""
+    decs = [d for d in DECODINGS if f"{d}/rm_sft" in summary] or [primary]
+    pre = {d: (f"{d}/" if f"{d}/rm_sft" in summary else "") for d in decs}
+    looping = {(d, p) for d in decs for p in policies_of(summary)
+               if metrics.repetitive(summary.get(f"{pre[d]}repetition_{p}", math.nan))}
+    notes = []
+    if looping:
+        which = ", ".join(f"{POLICY_TITLES[p]} {d} ({summary[pre[d] + 'repetition_' + p]:.2f})"
+                          for d in decs for p in policies_of(summary) if (d, p) in looping)
+        if all(d == "greedy" for d, _ in looping) and "sampled" in decs:
+            why = ("only greedy answers loop: the policies' next-token distributions are flat, and always taking "
+                   "the top token falls into a cycle (typical of tiny models); judge them by the sampled answers")
+        elif all(p != "sft" for _, p in looping):
+            why = "only PPO's answers loop: the policy found repetition the reward model likes (reward hacking)"
+        else:
+            why = "the SFT policy loops too: the models are too weak for this task or too briefly trained"
+        notes.append(f"**Degenerate answers:** repetition rate above {metrics.REPETITION_COLLAPSE} for {which}; "
+                     f"{why}.")
+    for d in decs:
+        for p in policies_of(summary):
+            ours, ref = summary.get(f"{pre[d]}distinct2_{p}"), summary.get(f"{pre[d]}distinct2_sft")
+            if p != "sft" and ours is not None and ref is not None and metrics.less_diverse(ours, ref):
+                notes.append(f"**Less diverse:** {POLICY_TITLES[p]} {d} answers have distinct-2 {ours:.2f}, below "
+                             f"{metrics.DISTINCT_DROP}x SFT's {ref:.2f}: PPO narrowed onto a few answers "
+                             f"(collapse or reward hacking; read the samples).")
+    return notes
 
 
 def write_report(src_dir: Path, out_dir: Path) -> Path:

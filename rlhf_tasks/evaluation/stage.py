@@ -1,10 +1,13 @@
 """Evaluation stage: compare the SFT and PPO policies (and the EMA actor when kept) on held-out prompts.
 
-Inputs (spec.inputs): `data`, `sft`, `reward`, `ppo` artifact URIs. For each policy, greedy (or seeded sampled)
+Inputs (spec.inputs): `data`, `sft`, `reward`, `ppo` artifact URIs. For each policy, greedy and seeded sampled
 answers to the data artifact's ppo/eval prompts are scored by the reward model and, where a row names one, by the
-gold scorer. The summary has mean/std of each score, PPO-vs-SFT win rates, KL of the PPO policy to the reference
-(the SFT policy) on its own samples, response length, EOS rate, and the reward model's pairwise accuracy on the
-held-out reward/eval pairs. Output artifact: report.md, metrics.json, samples.json, curves.json, plots/*.png.
+gold scorer. The summary has, per decoding, mean/std of each score, PPO-vs-SFT win rates and the paired gold
+difference with its bootstrap interval and sign test, KL of the PPO policy to the reference (the SFT policy) on
+its own answers, response length, EOS rate, distinct-1/2 and repetition rate (collapse and reward hacking show
+there), and the reward model's pairwise accuracy on the held-out reward/eval pairs. The config's decoding
+(`eval.do_sample`) is the primary one: its keys are unprefixed, the other's (and its own) carry `greedy/` or
+`sampled/`. Output artifact: report.md, metrics.json, samples.json, curves.json, plots/*.png.
 
 Nothing here imports Prefect; `evaluate()` is usable on local folders without a spec.
 """
@@ -97,9 +100,16 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def decodings(ecfg: EvalConfig) -> tuple[str, str]:
+    """Both decodings, the config's own (`do_sample`) first: it is the primary one (unprefixed summary keys, the
+    sample table, the verdict)."""
+    return ("sampled", "greedy") if ecfg.do_sample else ("greedy", "sampled")
+
+
 def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None = None,
              log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
-    """Run the comparison. Returns (flat summary of scalars, one sample record per prompt)."""
+    """Run the comparison under greedy and sampled decoding. Returns (flat summary of scalars, one sample record
+    per prompt)."""
     device = device or pick_device()
     torch.manual_seed(ecfg.seed)
     prompts = load_phase(inputs.data_dir, "ppo", "eval")
@@ -115,40 +125,44 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
     rm = models.load_score_model(str(inputs.reward_dir), dropout=0.0).to(device)
     rm.eval()
 
-    gen_cfg_kw = dict(max_new_tokens=ecfg.max_new_tokens, do_sample=ecfg.do_sample, temperature=ecfg.temperature,
-                      top_p=ecfg.top_p, top_k=ecfg.top_k)
-    kl_temperature = ecfg.temperature if ecfg.do_sample else 1.0
-    results: dict[str, PolicyResult] = {}
+    results: dict[str, dict[str, PolicyResult]] = {d: {} for d in decodings(ecfg)}
     reference = None
     for name, folder in inputs.policy_dirs().items():
         t0 = time.time()
         tok = models.load_tokenizer(str(folder), padding_side="left")
         model = models.load_causal_lm(str(folder), dropout=0.0).to(device)
         model.eval()
-        gen_cfg = generation.generation_config(tok, **gen_cfg_kw)
-        resp = generation.generate(model, tok, prompt_ids, batch_size=ecfg.batch_size, device=device,
-                                   gen_cfg=gen_cfg, seed=ecfg.seed)
-        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in resp]
-        eos = [bool(r) and r[-1] == tok.eos_token_id for r in resp]
-        rm_scores = _rm_scores(rm, rm_tok, tok, prompt_ids, prompt_texts, resp, texts, ecfg.batch_size, device)
-        gold = _gold_scores(gold_names, raw_prompts, texts)
-        kl = kl_exact = None
-        if reference is not None:
-            kl, kl_exact = generation.kl_to_reference(model, reference, prompt_ids, resp, pad_id=tok.pad_token_id,
-                                                      batch_size=ecfg.batch_size, device=device,
-                                                      temperature=kl_temperature)
-        results[name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl, kl_exact)
-        log(f"eval: {name}: {len(resp)} answers, rm {metrics.mean_std(rm_scores)[0]:.4f}"
-            + (f", kl {metrics.mean_std(kl)[0]:.4f}" if kl is not None else "") + f" ({time.time() - t0:.1f}s)")
+        for decoding in results:
+            sample = decoding == "sampled"
+            gen_cfg = generation.generation_config(tok, max_new_tokens=ecfg.max_new_tokens, do_sample=sample,
+                                                   temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k)
+            resp = generation.generate(model, tok, prompt_ids, batch_size=ecfg.batch_size, device=device,
+                                       gen_cfg=gen_cfg, seed=ecfg.seed)
+            texts = [tok.decode(r, skip_special_tokens=True).strip() for r in resp]
+            eos = [bool(r) and r[-1] == tok.eos_token_id for r in resp]
+            rm_scores = _rm_scores(rm, rm_tok, tok, prompt_ids, prompt_texts, resp, texts, ecfg.batch_size, device)
+            gold = _gold_scores(gold_names, raw_prompts, texts)
+            kl = kl_exact = None
+            if reference is not None:
+                kl, kl_exact = generation.kl_to_reference(
+                    model, reference, prompt_ids, resp, pad_id=tok.pad_token_id, batch_size=ecfg.batch_size,
+                    device=device, temperature=ecfg.temperature if sample else 1.0)
+            results[decoding][name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl, kl_exact)
+            log(f"eval: {name} ({decoding}): {len(resp)} answers, rm {metrics.mean_std(rm_scores)[0]:.4f}"
+                + (f", kl {metrics.mean_std(kl)[0]:.4f}" if kl is not None else ""))
+        log(f"eval: {name} done ({time.time() - t0:.1f}s)")
         if name == "sft":
             reference = model  # the SFT policy is PPO's reference
         else:
             del model
 
-    summary = summarize(results)
+    primary, secondary = decodings(ecfg)
+    summary = summarize(results[primary])
+    for decoding, by_policy in results.items():
+        summary.update({f"{decoding}/{k}": v for k, v in summarize(by_policy).items()})
     summary.update(_rm_accuracy(inputs.data_dir, rm, rm_tok, ecfg, device))
     summary["num_prompts"] = len(rows)
-    samples = sample_records(rows, results)
+    samples = sample_records(rows, results[primary], {secondary: results[secondary]})
     return summary, samples
 
 
@@ -185,12 +199,19 @@ def _gold_scores(names: list[str | None], prompts: list[str], responses: list[st
 
 
 def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
-    """Flat summary: per policy rm/gold mean+std, length, EOS rate, KL; each non-SFT policy's win rates vs SFT.
-    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, kl_<p>_ref (+_std; the k1 estimate
-    on the policy's own answers), kl_<p>_ref_exact (exact per-token KL summed over the answer), win_rate_rm[_<p>],
-    win_rate_gold[_<p>] (the suffix is omitted for ppo). Values that cannot be computed are left out."""
+    """Flat summary of one decoding: per policy rm/gold mean+std, length, EOS rate, answer diversity, KL; each
+    non-SFT policy's win rates and paired gold difference vs SFT.
+    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, distinct1_<p>, distinct2_<p>,
+    repetition_<p>, kl_<p>_ref (+_std; the k1 estimate on the policy's own answers), kl_<p>_ref_exact (exact
+    per-token KL summed over the answer), win_rate_rm[_<p>], win_rate_gold[_<p>], gold_gain[_<p>] (mean paired
+    gold difference vs SFT) with gold_gain[_<p>]_ci_low/_ci_high (95% paired bootstrap interval) and
+    gold_sign_p[_<p>] (two-sided sign test); the suffix is omitted for ppo. Values that cannot be computed are
+    left out."""
     s: dict[str, float] = {}
     for name, r in results.items():
+        s[f"distinct1_{name}"] = metrics.distinct_n(r.responses, 1)
+        s[f"distinct2_{name}"] = metrics.distinct_n(r.responses, 2)
+        s[f"repetition_{name}"] = metrics.repetition_rate(r.responses)
         s[f"rm_{name}"], s[f"rm_{name}_std"] = metrics.mean_std(r.rm)
         gold = [g for g in r.gold if g is not None]
         if gold:
@@ -209,7 +230,11 @@ def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
         s[f"win_rate_rm{suffix}"] = metrics.win_rate(r.rm, base.rm)
         pairs = [(a, b) for a, b in zip(r.gold, base.gold) if a is not None and b is not None]
         if pairs:
-            s[f"win_rate_gold{suffix}"] = metrics.win_rate([a for a, _ in pairs], [b for _, b in pairs])
+            ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
+            s[f"win_rate_gold{suffix}"] = metrics.win_rate(ours, theirs)
+            gain = f"gold_gain{suffix}"
+            s[gain], s[f"{gain}_ci_low"], s[f"{gain}_ci_high"] = metrics.paired_bootstrap_ci(ours, theirs)
+            s[f"gold_sign_p{suffix}"] = metrics.sign_test_p(ours, theirs)
     return {k: float(v) for k, v in s.items() if _finite(v)}
 
 
@@ -231,8 +256,19 @@ def _rm_accuracy(data_dir: Path, rm, rm_tok, ecfg: EvalConfig, device) -> dict[s
     return {"rm_accuracy": metrics.pairwise_accuracy(c, r), "rm_margin": margin, "num_pairs": float(len(c))}
 
 
-def sample_records(rows, results: dict[str, PolicyResult]) -> list[dict]:
-    """One JSON record per prompt with every policy's answer and scores."""
+def _answer_record(r: PolicyResult, i: int) -> dict:
+    rec = {"response": r.responses[i], "rm": r.rm[i], "gold": r.gold[i], "length": r.lengths[i], "eos": r.eos[i]}
+    if r.kl is not None:
+        rec["kl"] = r.kl[i]
+    if r.kl_exact is not None:
+        rec["kl_exact"] = r.kl_exact[i]
+    return rec
+
+
+def sample_records(rows, results: dict[str, PolicyResult],
+                   other: dict[str, dict[str, PolicyResult]] | None = None) -> list[dict]:
+    """One JSON record per prompt with every policy's answer and scores; `other` ({decoding: results}) adds each
+    policy's answer under that decoding as rec[policy][decoding]."""
     cols = rows.column_names
     out = []
     for i in range(len(rows)):
@@ -244,12 +280,9 @@ def sample_records(rows, results: dict[str, PolicyResult]) -> list[dict]:
             "gold_scorer": rows["gold"][i] if "gold" in cols else None,
         }
         for name, r in results.items():
-            rec[name] = {"response": r.responses[i], "rm": r.rm[i], "gold": r.gold[i], "length": r.lengths[i],
-                         "eos": r.eos[i]}
-            if r.kl is not None:
-                rec[name]["kl"] = r.kl[i]
-            if r.kl_exact is not None:
-                rec[name]["kl_exact"] = r.kl_exact[i]
+            rec[name] = _answer_record(r, i)
+            for decoding, by_policy in (other or {}).items():
+                rec[name][decoding] = _answer_record(by_policy[name], i)
         out.append(rec)
     return out
 
