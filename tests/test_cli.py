@@ -61,6 +61,8 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     for args, needle in [
         (["plan", "--set", "ppo.klcoef=1"], "ppo.klcoef: unknown key"),
         (["plan", "--set", "sft.epochs=many"], "sft.epochs"),
+        (["plan", "--set", "ppo.actor.epochs=3"], "ppo.actor.epochs: unknown key"),
+        (["plan", "--set", "ppo.mini_batch_size=12"], "must be a multiple of ppo.mini_batch_size (12)"),
         (["plan", "--config", str(tmp_path / "nope.yaml")], "config file not found"),
     ]:
         r = rlhf(*args, cwd=tmp_path)

@@ -127,3 +127,48 @@ def test_checkpoint_resume_continues_identically(tiny, local_store):
     assert trainer2.kl_ctl.value == pytest.approx(kl_straight)
     for k, v in ema_straight.items():
         torch.testing.assert_close(engine2.ema.shadow[k], v)
+
+
+REDUCE_WORKER = """
+import json, torch
+torch.distributed.init_process_group("gloo")
+from rlhf_tasks.ppo.trainer import reduce_stats
+nan, inf = float("nan"), float("inf")
+mine = [{"reward/score_mean": 1.0, "gold/mean": 0.5, "value/explained_variance": nan, "kl/ref": 0.1,
+         "policy/approx_kl": nan},
+        {"reward/score_mean": 3.0, "value/explained_variance": 0.25, "ptx/loss": 2.0, "kl/ref": inf}]
+print("RESULT", json.dumps(reduce_stats(mine[torch.distributed.get_rank()])), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_reduce_stats_over_two_processes_with_different_keys(tmp_path):
+    """Ranks with different keys (gold only on rank 0, ptx only on rank 1) and non-finite values agree on one
+    vector: each key's mean counts only the ranks with a finite value; no rank has one for policy/approx_kl: NaN."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_tasks.launch import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(REDUCE_WORKER)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "DS_ACCELERATOR": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=180)
+        finally:
+            p.kill()
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:]))
+    for got in results:
+        assert sorted(got) == ["gold/mean", "kl/ref", "policy/approx_kl", "ptx/loss", "reward/score_mean",
+                               "value/explained_variance"]
+        assert got["reward/score_mean"] == 2.0 and got["gold/mean"] == 0.5 and got["ptx/loss"] == 2.0
+        assert got["value/explained_variance"] == 0.25 and got["kl/ref"] == 0.1
+        assert math.isnan(got["policy/approx_kl"])

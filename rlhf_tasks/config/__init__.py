@@ -11,12 +11,12 @@ from .pipeline import (
     parse_override,
     preset_path,
 )
-from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, SourceConfig
-from .training import LoraConfig, OptimConfig, TrainingConfig
+from .stages import DataConfig, EvalConfig, PPOConfig, PPOModelConfig, RewardConfig, SFTConfig, SourceConfig
+from .training import AdamWConfig, EngineConfig, LoraConfig, OptimConfig, TrainingConfig
 
 __all__ = [
     "PipelineConfig", "ModelsConfig", "StoreConfig", "ExecutionConfig", "TinyModelConfig",
-    "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "PPOConfig", "EvalConfig",
-    "TrainingConfig", "OptimConfig", "LoraConfig",
+    "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "PPOConfig", "PPOModelConfig", "EvalConfig",
+    "TrainingConfig", "EngineConfig", "OptimConfig", "AdamWConfig", "LoraConfig",
     "load_config", "config_from_dict", "apply_overrides", "parse_override", "preset_path",
 ]

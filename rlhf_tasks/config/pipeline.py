@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from . import rules
 from ._base import Section
 from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+MIN_TIMEOUT_S = 60.0
 
 
 class TinyModelConfig(Section):
@@ -25,6 +27,11 @@ class TinyModelConfig(Section):
     vocab_size: int = Field(512, ge=64, description="Vocabulary of the locally trained BPE tokenizer.")
     max_position_embeddings: int = Field(256, ge=16, description="Longest sequence.")
     seed: int = Field(0, description="Seed of the random init.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        rules.reject(rules.tiny_model_rules(self))
+        return self
 
 
 class ModelsConfig(Section):
@@ -63,7 +70,11 @@ class ExecutionConfig(Section):
     multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm"] = Field(
         "pdsh", description="DeepSpeed multi-node runner."
     )
-    timeout_s: float = Field(3600.0, gt=0, description="Per-stage wall-clock limit; the job's process group is killed.")
+    timeout_s: float = Field(
+        3600.0, ge=MIN_TIMEOUT_S,
+        description=f"Per-stage wall-clock limit; the job's process group is killed (at least {MIN_TIMEOUT_S:.0f} s: "
+        "a job spends its first seconds importing torch and DeepSpeed).",
+    )
     retries: int = Field(1, ge=0, description="Prefect retries per stage (a retried stage resumes from a checkpoint).")
     retry_delay_s: float = Field(5.0, ge=0, description="Delay before the first retry (doubles each time).")
     work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
@@ -92,6 +103,11 @@ class PipelineConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: reward model.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and report.")
+
+    @model_validator(mode="after")
+    def _sections_agree(self):
+        rules.reject(rules.pipeline_rules(self))
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -137,13 +153,20 @@ def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
     return keys
 
 
+def _error_fields(first: dict) -> list[str]:
+    """The dotted paths an error is about: the fields a cross-field rule names, else the error's location."""
+    if first["type"] == "cross_field":
+        return first["ctx"]["fields"]
+    return [".".join(str(p) for p in first["loc"])]
+
+
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "cross_field":
+        return f"{origin}: {first['ctx']['message']}{more}"
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     return f"{origin}: {loc}: {msg}{more}"
 
 
@@ -183,9 +206,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
-        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
-        origin = "--set" if any(loc == k or loc.startswith(k + ".") for k in set_keys) else str(path)
-        raise ConfigError(_format_error(e, origin)) from None
+        fields = _error_fields(e.errors()[0])
+        by_set = any(f == k or f.startswith(k + ".") for f in fields for k in set_keys)
+        raise ConfigError(_format_error(e, "--set" if by_set else str(path))) from None
 
 
 def config_from_dict(tree: dict, origin: str = "config") -> PipelineConfig:

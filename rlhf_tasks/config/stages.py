@@ -2,10 +2,11 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from . import rules
 from ._base import Section
-from .training import OptimConfig, TrainingConfig
+from .training import MAX_BATCH, AdamWConfig, EngineConfig, OptimConfig, TrainingConfig
 
 
 class SourceConfig(Section):
@@ -110,17 +111,39 @@ class RewardConfig(TrainingConfig):
     )
 
 
+class PPOModelConfig(EngineConfig):
+    """The DeepSpeed side of one PPO model (actor or critic). PPO's loop owns the rest: the learning rates
+    (`ppo.actor_lr`, `ppo.critic_lr`), the seed, checkpoints and logging."""
+
+    micro_batch_size: int = Field(
+        8, ge=1, le=MAX_BATCH,
+        description="Rows per forward/backward inside a PPO mini-batch (capped at ppo.mini_batch_size, which must "
+        "be a whole number of them); a mini-batch's micro-batches accumulate into one optimizer step.",
+    )
+    optim: AdamWConfig = Field(
+        default_factory=AdamWConfig, description="Optimizer and schedule (peak lr: ppo.actor_lr / ppo.critic_lr)."
+    )
+
+
 class PPOConfig(Section):
     """Step 3: PPO with the hybrid engine. Every coefficient DS-Chat hard-codes is a field here."""
 
-    actor: TrainingConfig = Field(default_factory=TrainingConfig, description="Actor DeepSpeed settings.")
-    critic: TrainingConfig = Field(default_factory=TrainingConfig, description="Critic DeepSpeed settings.")
-    actor_lr: float = Field(1e-5, gt=0, description="Actor learning rate (overrides actor.optim.lr).")
-    critic_lr: float = Field(5e-6, gt=0, description="Critic learning rate (overrides critic.optim.lr).")
-    prompt_batch_size: int = Field(8, ge=1, description="Prompts per experience batch (per process).")
-    generation_batches: int = Field(1, ge=1, description="Experience batches collected before training on them.")
+    actor: PPOModelConfig = Field(default_factory=PPOModelConfig, description="Actor DeepSpeed settings.")
+    critic: PPOModelConfig = Field(default_factory=PPOModelConfig, description="Critic DeepSpeed settings.")
+    actor_lr: float = Field(1e-5, gt=0, description="Actor peak learning rate.")
+    critic_lr: float = Field(5e-6, gt=0, description="Critic peak learning rate.")
+    prompt_batch_size: int = Field(
+        8, ge=1, le=MAX_BATCH, description="Prompts per experience batch (per process)."
+    )
+    generation_batches: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Experience batches collected before training on them."
+    )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each experience buffer (reshuffled each pass).")
-    mini_batch_size: int = Field(8, ge=1, description="Sequences per PPO update.")
+    mini_batch_size: int = Field(
+        8, ge=1, le=MAX_BATCH,
+        description="Sequences per PPO update (per process); the experience buffer (prompt_batch_size x "
+        "generation_batches) must be a whole number of mini-batches.",
+    )
     total_steps: int | None = Field(None, ge=1, description="Stop after this many experience batches (null: epochs).")
     epochs: int = Field(1, ge=1, description="Passes over the PPO prompt set.")
     max_new_tokens: int = Field(32, ge=1, description="Answer length limit during generation.")
@@ -156,8 +179,15 @@ class PPOConfig(Section):
     tp_gather_partition_size: int = Field(8, ge=1, description="DeepSpeed HE gather partition size.")
     release_inference_cache: bool = Field(False, description="DeepSpeed HE: free the inference cache after use.")
     pin_parameters: bool = Field(True, description="DeepSpeed HE: keep gathered parameters pinned.")
-    seed: int = Field(1234, description="Seed for sampling and shuffling.")
+    seed: int = Field(1234, description="Seed for init, sampling and shuffling.")
     checkpoint_every: int = Field(0, ge=0, description="Commit a resumable checkpoint every N steps; 0 disables.")
+    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept per stage key (older pruned).")
+    log_every: int = Field(1, ge=1, description="Print metrics every N steps (every step is recorded).")
+
+    @model_validator(mode="after")
+    def _batches_align(self):
+        rules.reject(rules.ppo_rules(self))
+        return self
 
 
 class EvalConfig(Section):
@@ -170,9 +200,10 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when do_sample.")
     top_k: int = Field(0, ge=0, description="Top-k sampling when do_sample; 0 disables.")
     num_pairs: int = Field(256, ge=1, description="Held-out reward/eval pairs for the RM's pairwise accuracy.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts per generation batch.")
     num_samples_in_report: int = Field(8, ge=0, description="Sample prompts shown in the report.")
     seed: int = Field(1234, description="Seed for prompt selection and sampling.")
 
 
-__all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "PPOConfig", "EvalConfig", "OptimConfig"]
+__all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "PPOModelConfig", "PPOConfig", "EvalConfig",
+           "OptimConfig"]

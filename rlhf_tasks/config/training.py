@@ -1,4 +1,5 @@
-"""Settings shared by every DeepSpeed training stage (SFT, reward, PPO's actor and critic)."""
+"""The DeepSpeed side of training: the engine settings every trained model has (SFT, reward, PPO's actor and
+critic), the optimizer, and the step loop of the supervised stages. PPO's own loop settings are in `PPOConfig`."""
 from typing import Literal
 
 from pydantic import Field
@@ -25,10 +26,12 @@ class LoraConfig(Section):
     )
 
 
-class OptimConfig(Section):
-    """Optimizer, schedule and precision of one trained model."""
+MAX_BATCH = 65536  # rows in one per-process batch; anything larger is a typo, not a plan (it fails in the job)
 
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+class AdamWConfig(Section):
+    """AdamW, its LR schedule and clipping for one trained model; the peak learning rate is set by the stage."""
+
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -43,25 +46,38 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient norm clipping; null disables it.")
 
 
-class TrainingConfig(Section):
-    """The DeepSpeed side of one training stage."""
+class OptimConfig(AdamWConfig):
+    """AdamW, schedule and clipping with the peak learning rate (SFT, reward)."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class EngineConfig(Section):
+    """The DeepSpeed engine of one trained model: ZeRO, precision, batch rows per forward, memory savers, LoRA."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage 0-3.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and parameters at stage 3).")
-    micro_batch_size: int = Field(8, ge=1, description="Per-process batch size of one forward/backward.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
-    epochs: int = Field(1, ge=1, description="Passes over the training split.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (null: epochs decide).")
-    max_seq_len: int = Field(256, ge=8, description="Truncate prompt+response to this many tokens.")
+    micro_batch_size: int = Field(
+        8, ge=1, le=MAX_BATCH, description="Per-process batch size of one forward/backward."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     dropout: float | None = Field(
         None, ge=0, lt=1, description="Override the model's dropout probabilities (null keeps the model's)."
     )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+
+
+class TrainingConfig(EngineConfig):
+    """One supervised training stage (SFT, reward): the engine plus the step loop around it."""
+
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Gradient accumulation steps per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (null: epochs decide).")
+    max_seq_len: int = Field(256, ge=8, description="Truncate prompt+response to this many tokens.")
     seed: int = Field(1234, description="Seed for init, shuffling and dropout.")
     checkpoint_every: int = Field(0, ge=0, description="Commit a resumable checkpoint every N steps; 0 disables.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept per stage key (older pruned).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only before and after.")
     log_every: int = Field(1, ge=1, description="Print/record metrics every N steps.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")

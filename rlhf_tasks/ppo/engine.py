@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..config.stages import PPOConfig
+from ..config.stages import PPOConfig, PPOModelConfig
+from ..config.training import OptimConfig, TrainingConfig
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_score_model, load_tokenizer, set_dropout
 from ..training.distributed import barrier, device, init_distributed, seed_everything
@@ -32,13 +33,15 @@ def updates_per_batch(cfg: PPOConfig) -> int:
     return cfg.ppo_epochs * math.ceil(rows / cfg.mini_batch_size)
 
 
-def _train_cfg(tcfg, mini_batch_size: int):
-    """The model's TrainingConfig with DeepSpeed's batch bookkeeping matched to one PPO mini-batch: micro-batches of
-    `micro_batch_size` rows (at most the mini-batch), accumulated into one optimizer step per mini-batch."""
-    micro = min(tcfg.micro_batch_size, mini_batch_size)
-    if mini_batch_size % micro:
-        raise ConfigError(f"ppo.mini_batch_size ({mini_batch_size}) must be a multiple of micro_batch_size ({micro})")
-    return tcfg.model_copy(update={"micro_batch_size": micro, "grad_accum": mini_batch_size // micro})
+def engine_config(model: PPOModelConfig, mini_batch_size: int, lr: float) -> TrainingConfig:
+    """The DeepSpeed engine settings of one PPO model (what `build_engine` takes), batch bookkeeping matched to
+    one PPO mini-batch: micro-batches of `micro_batch_size` rows (at most the mini-batch; the config check makes the
+    mini-batch a whole number of them), accumulated into one optimizer step per mini-batch."""
+    micro = min(model.micro_batch_size, mini_batch_size)
+    return TrainingConfig(zero_stage=model.zero_stage, precision=model.precision, offload=model.offload,
+                          micro_batch_size=micro, grad_accum=mini_batch_size // micro,
+                          gradient_checkpointing=model.gradient_checkpointing, lora=model.lora,
+                          optim=OptimConfig(lr=lr, **model.optim.model_dump()))
 
 
 class Offloaded:
@@ -178,8 +181,8 @@ class RLHFEngine:
 
         self.steps_total = total_steps or cfg.total_steps or 1000
         opt_steps = self.steps_total * updates_per_batch(cfg)
-        actor_t = _train_cfg(cfg.actor, cfg.mini_batch_size)
-        critic_t = _train_cfg(cfg.critic, cfg.mini_batch_size)
+        actor_t = engine_config(cfg.actor, cfg.mini_batch_size, cfg.actor_lr)
+        critic_t = engine_config(cfg.critic, cfg.mini_batch_size, cfg.critic_lr)
 
         actor_m = apply_lora(actor_m, cfg.actor.lora)
         he_extra = None

@@ -130,7 +130,7 @@ def train_ppo(spec, ctx) -> dict:
         out_dir.mkdir(parents=True)
     barrier()
     ckpt = CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
-                             keep=cfg.actor.keep_checkpoints)
+                             keep=cfg.keep_checkpoints)
     logger = MetricsLogger(out_dir, rank, prefix="ppo", total_steps=total)
     start_step, elapsed_before = 0, 0.0
     found = ckpt.latest()
@@ -148,7 +148,7 @@ def train_ppo(spec, ctx) -> dict:
         batches = [make_batch(cols, rows, with_ptx) for rows in sched.rows(step)]
         stats = trainer.step(batches)
         stats["epoch"] = (step - 1) // sched.steps_per_epoch
-        logger.log(step, stats, echo=step % cfg.actor.log_every == 0 or step == total)
+        logger.log(step, stats, echo=step % cfg.log_every == 0 or step == total)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
             ckpt.save(step, engine.trainable_engines(),
                       {"trainer": trainer.state_dict(), "history": logger.history, "position": step,

@@ -11,6 +11,7 @@ target with ptx_coef > 0).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -337,13 +338,17 @@ def _chunks(rows: list[int], size: int) -> list[list[int]]:
 
 
 def reduce_stats(stats: dict) -> dict:
-    """Mean of every metric over processes (keys missing on some rank, e.g. gold, are averaged where present)."""
+    """Mean of every metric over processes, over the union of the ranks' keys (agreed first, so every rank
+    all-reduces the same vector): a rank without a value for a key (e.g. no gold-scored row in its batch) or with a
+    non-finite one does not count in that key's mean; a key no rank has a finite value for is NaN."""
     rank, world = rank_world()
-    keys = sorted(stats)
     if world == 1:
-        return {k: float(stats[k]) for k in keys}
-    import math
-
-    vals = [float(stats[k]) if math.isfinite(float(stats[k])) else 0.0 for k in keys]
-    sums = all_reduce_sum(vals)
-    return {k: s / world for k, s in zip(keys, sums)}
+        return {k: float(stats[k]) for k in sorted(stats)}
+    key_sets: list = [None] * world
+    torch.distributed.all_gather_object(key_sets, sorted(stats))
+    keys = sorted(set().union(*key_sets))
+    values = [float(stats.get(k, math.nan)) for k in keys]
+    finite = [math.isfinite(v) for v in values]
+    sums = all_reduce_sum([v if ok else 0.0 for v, ok in zip(values, finite)] + [float(ok) for ok in finite])
+    totals, counts = sums[:len(keys)], sums[len(keys):]
+    return {k: total / count if count else math.nan for k, total, count in zip(keys, totals, counts)}

@@ -1,0 +1,163 @@
+"""Cross-field rules: what no single field's bounds can say, checked before anything is launched.
+
+Each rule is a pure function of config objects (no torch, no I/O) that returns the violations it finds; a violation
+is one line naming every field involved. The config models run the rules that need nothing but the config when
+they are validated (so `load_config` turns them into one `ConfigError` line, exit 2); the pre-launch checks run the
+two that need facts known only then: the device the jobs get (`precision_rules`) and the rows of each data phase
+(`data_fit_rules`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+from pydantic_core import PydanticCustomError
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineConfig, TinyModelConfig
+    from .stages import PPOConfig
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule. `fields` are the dotted paths it names (a `--set` of any of them is the error's origin)."""
+
+    fields: tuple[str, ...]
+    message: str
+
+
+def ppo_rules(ppo: PPOConfig) -> list[Violation]:
+    """The experience buffer is a whole number of mini-batches, each a whole number of micro-batches.
+
+    DeepSpeed steps the optimizer on its own micro-step counter (every mini_batch_size / micro_batch_size
+    micro-steps), so a partial mini-batch would spill its gradients into the next update."""
+    out = []
+    rows = ppo.prompt_batch_size * ppo.generation_batches
+    buffer = f"ppo.prompt_batch_size x ppo.generation_batches ({ppo.prompt_batch_size} x {ppo.generation_batches})"
+    if ppo.mini_batch_size > rows:
+        out.append(Violation(("ppo.mini_batch_size", "ppo.prompt_batch_size", "ppo.generation_batches"),
+                             f"ppo.mini_batch_size ({ppo.mini_batch_size}) is larger than one experience buffer, "
+                             f"{buffer} = {rows} rows"))
+    elif rows % ppo.mini_batch_size:
+        out.append(Violation(("ppo.mini_batch_size", "ppo.prompt_batch_size", "ppo.generation_batches"),
+                             f"{buffer} = {rows} rows must be a multiple of ppo.mini_batch_size "
+                             f"({ppo.mini_batch_size})"))
+    for name in ("actor", "critic"):
+        micro = min(getattr(ppo, name).micro_batch_size, ppo.mini_batch_size)
+        if ppo.mini_batch_size % micro:
+            out.append(Violation((f"ppo.{name}.micro_batch_size", "ppo.mini_batch_size"),
+                                 f"ppo.mini_batch_size ({ppo.mini_batch_size}) must be a whole number of "
+                                 f"ppo.{name}.micro_batch_size ({micro}) micro-batches"))
+    if ppo.ema_decay is not None and ppo.actor.lora.r > 0:
+        out.append(Violation(("ppo.ema_decay", "ppo.actor.lora.r"),
+                             "ppo.ema_decay with LoRA on the actor (ppo.actor.lora.r > 0) is not supported"))
+    return out
+
+
+def tiny_model_rules(tiny: TinyModelConfig) -> list[Violation]:
+    """Attention splits the hidden size into equal heads."""
+    if tiny.hidden_size % tiny.num_heads:
+        return [Violation(("models.tiny.hidden_size", "models.tiny.num_heads"),
+                          f"models.tiny.hidden_size ({tiny.hidden_size}) must be a multiple of "
+                          f"models.tiny.num_heads ({tiny.num_heads})")]
+    return []
+
+
+def _model_refs(cfg: PipelineConfig) -> list[str]:
+    m = cfg.models
+    return [r for r in (m.actor, m.reward, m.tokenizer) if r]
+
+
+def _trained(cfg: PipelineConfig) -> dict[str, object]:
+    """Every trained model's engine settings by config path."""
+    return {"sft": cfg.sft, "reward": cfg.reward, "ppo.actor": cfg.ppo.actor, "ppo.critic": cfg.ppo.critic}
+
+
+def processes(cfg: PipelineConfig) -> int:
+    """World size of a training job."""
+    return cfg.execution.num_procs * cfg.execution.num_nodes
+
+
+def rows_per_step(cfg: PipelineConfig) -> dict[str, tuple[int, str]]:
+    """Training rows each stage takes from its data phase per step (all processes), with the fields that make it."""
+    world = processes(cfg)
+    procs = "execution.num_procs x execution.num_nodes"
+    out = {}
+    for stage in ("sft", "reward"):
+        t = getattr(cfg, stage)
+        out[stage] = (t.micro_batch_size * t.grad_accum * world,
+                      f"{stage}.micro_batch_size x {stage}.grad_accum x {procs}")
+    p = cfg.ppo
+    out["ppo"] = (p.prompt_batch_size * p.generation_batches * world,
+                  f"ppo.prompt_batch_size x ppo.generation_batches x {procs}")
+    return out
+
+
+def max_phase_rows(cfg: PipelineConfig) -> dict[str, int]:
+    """Upper bounds on each phase's training rows known from the config alone: when every source feeding a phase
+    has `max_rows`, the phase has at most their sum (sft_only sources feed only sft). Phases without a bound, or
+    given no share by `data_split` (empty on purpose), are left out."""
+    shares = dict(zip(("sft", "reward", "ppo"), (float(x) for x in cfg.data.data_split.split(","))))
+    out = {}
+    for phase in ("sft", "reward", "ppo"):
+        feeding = [s for s in cfg.data.sources if phase == "sft" or not s.sft_only]
+        if feeding and shares[phase] > 0 and all(s.max_rows is not None for s in feeding):
+            out[phase] = sum(s.max_rows for s in feeding)
+    return out
+
+
+def data_fit_rules(cfg: PipelineConfig, train_rows: Mapping[str, int], known_from: str) -> list[Violation]:
+    """One step of each training stage must fit in its phase: `train_rows` maps a phase (sft, reward, ppo) to its
+    training rows (exact, or an upper bound; phases left out are not checked). `known_from` says where the counts
+    come from, for the message (e.g. "the data", "data.sources max_rows")."""
+    out = []
+    world = processes(cfg)
+    for stage, (need, how) in rows_per_step(cfg).items():
+        have = train_rows.get(stage)
+        if have is not None and need > have:
+            fields = tuple(f.strip() for f in how.split(" x ")) + ("data.data_split",)
+            out.append(Violation(fields, f"{how} = {need} rows per {stage} step"
+                                         f"{f' ({world} processes)' if world > 1 else ''}, but {known_from} "
+                                         f"give the {stage} phase at most {have} training rows"))
+    return out
+
+
+def precision_rules(cfg: PipelineConfig, device_type: str) -> list[Violation]:
+    """fp16 training needs an accelerator: DeepSpeed's CPU accelerator has no fp16 (bf16 and fp32 run).
+    `device_type` is what the stage jobs get: "cpu" or "cuda"."""
+    if device_type != "cpu":
+        return []
+    return [Violation((f"{path}.precision", "execution.device"),
+                      f"{path}.precision: fp16 needs a GPU, but the stage jobs run on the CPU; use bf16 or fp32")
+            for path, t in _trained(cfg).items() if t.precision == "fp16"]
+
+
+def pipeline_rules(cfg: PipelineConfig) -> list[Violation]:
+    """The rules across sections that the config alone decides."""
+    out = []
+    if any(ref == "tiny:llama" for ref in _model_refs(cfg)):
+        head_dim, rest = divmod(cfg.models.tiny.hidden_size, cfg.models.tiny.num_heads)
+        if not rest and head_dim % 2:
+            out.append(Violation(("models.tiny.hidden_size", "models.tiny.num_heads"),
+                                 f"models.tiny.hidden_size / models.tiny.num_heads = {head_dim} must be even for "
+                                 f"tiny:llama (rotary embeddings rotate pairs of dimensions)"))
+    if cfg.execution.device == "cpu":
+        out += precision_rules(cfg, "cpu")
+    out += data_fit_rules(cfg, max_phase_rows(cfg), "data.sources max_rows")
+    return out
+
+
+def reject(violations: list[Violation]) -> None:
+    """For the config models' validators: the first violation as a pydantic error (`load_config` prints it as one
+    line, its origin `--set` when the user set one of the fields it names)."""
+    if violations:
+        v = violations[0]
+        raise PydanticCustomError("cross_field", "{message}", {"message": v.message, "fields": list(v.fields)})
+
+
+def raise_first(violations: list[Violation]) -> None:
+    """For the pre-launch checks: the first violation as a ConfigError (one line, exit 2)."""
+    if violations:
+        raise ConfigError(violations[0].message)
