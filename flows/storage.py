@@ -2,7 +2,7 @@
 
 `<store>/_prefect/cache/<record key>`: any run, on any machine, with any Prefect database, that points at the same
 store sees the same records. The prefix is fixed and used for nothing else (mixing record layouts under one prefix
-corrupts the cache). The `_` keeps it out of `rlhf store ls` and `gc`.
+corrupts the cache). The `_` keeps it out of `rlhf store ls`; `gc` only removes records naming no artifact.
 
 Local stores use a plain path. Remote stores use a RemoteFileSystem block that is (re)saved on the current Prefect
 API at each run (Prefect only accepts saved blocks as result storage). The block holds no credentials: s3fs reads
@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from rlhf_tasks.store import ArtifactStore
+from rlhf_tasks.store import CACHE_RECORDS, ArtifactStore
 
-CACHE_PREFIX = "_prefect/cache"
+CACHE_PREFIX = CACHE_RECORDS  # defined by the store, whose gc removes records that name no artifact
 
 
 def cache_location(store: ArtifactStore) -> str:

@@ -73,6 +73,13 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
     raise KeyError(stage)
 
 
+def hub_pins(key_inputs: dict) -> dict[str, str]:
+    """{hub model name: commit SHA} as a stage key recorded them at plan time. A job loads exactly these commits,
+    even if the repo moved between the plan and the job's start (a queued GPU job can start hours later)."""
+    return {v["hub"]: v["revision"] for v in key_inputs.get("config", {}).values()
+            if isinstance(v, dict) and isinstance(v.get("hub"), str) and isinstance(v.get("revision"), str)}
+
+
 def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
     from .data.sources import fingerprint_source  # content hash of files; hub name + revision
 

@@ -180,3 +180,19 @@ def test_a_store_artifact_folder_is_named_by_its_key_only_while_it_verifies(tmp_
     assert model_identity(str(folder)) == {"artifact": ["sft", "k1"]} == model_identity(store.uri("sft", "k1"))
     (folder / "config.json").write_text(json.dumps({"a": 2}))  # edited in place: no longer what its key says
     assert "local_sha256" in model_identity(str(folder))
+
+
+def test_a_job_loads_the_commit_its_key_names_even_after_the_hub_moved(hf_cache, tmp_path):
+    """Plan pins the commit; the repo moves before the (queued) job starts; the job still loads the pinned one."""
+    from rlhf_tasks.models import resolve_model
+    from rlhf_tasks.training.examples import StageContext, resolve_model_path
+
+    cfg = load_config(None, ["models.actor=facebook/opt-125m"])
+    fake_hub_cache(hf_cache, "facebook/opt-125m", SHA_A)
+    pins = stages.hub_pins(stages.stage_key_inputs(cfg, "sft", {"data": "d"}))
+    assert pins == {"facebook/opt-125m": SHA_A}
+    fake_hub_cache(hf_cache, "facebook/opt-125m", SHA_B)
+    assert Path(resolve_model("facebook/opt-125m")).name == SHA_B  # unpinned: what main points to now
+    ctx = StageContext(cfg, 0, 1, None, tmp_path, pins)
+    assert Path(resolve_model_path("facebook/opt-125m", ctx)).name == SHA_A
+    assert stages.hub_pins(stages.stage_key_inputs(load_config(None), "sft", {"data": "d"})) == {}  # tiny: none

@@ -33,8 +33,8 @@ def load_data_tokenizer(cfg: PipelineConfig):
     """The tokenizer the data is encoded with: `models.tokenizer`, else the actor's."""
     from .. import models
 
-    return models.load_tokenizer(models.resolve_model(tokenizer_ref(cfg), cfg.models.tiny,
-                                                      revision=cfg.models.revision), padding_side="right")
+    path = models.resolve_model(tokenizer_ref(cfg), cfg.models.tiny, revision=cfg.models.revision)
+    return models.load_tokenizer(path, padding_side="right")
 
 
 def _log(msg: str) -> None:
@@ -223,13 +223,16 @@ def prepare(cfg: PipelineConfig, out_dir: str | Path, tokenizer=None) -> dict:
 
 def run(spec) -> str:
     """The stage job: build the artifact in the job's scratch folder and commit it under the stage key."""
-    from ..stages import commit_stage_output
+    from ..stages import commit_stage_output, hub_pins
 
     store = spec.open_store()
     if store.exists(spec.stage, spec.key):
         _log(f"cached: {spec.output_uri}")
         return spec.output_uri
     cfg = spec.pipeline_config()
+    pin = hub_pins(spec.key_inputs).get(tokenizer_ref(cfg))
+    if pin:  # a hub tokenizer: load (and record in data_info) exactly the commit the data key names
+        cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"revision": pin})})
     scratch = Path(spec.run_dir) if spec.run_dir else Path(tempfile.mkdtemp(prefix="rlhf-data-"))
     out = scratch / "data-artifact"
     shutil.rmtree(out, ignore_errors=True)  # leftovers of an earlier try of this job

@@ -2,7 +2,7 @@
 and data artifact of a job, model references as local paths, token ids of one phase/split."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,27 @@ class StageContext:
     world: int
     store: Any
     data_dir: Path
+    hub_pins: dict[str, str] = field(default_factory=dict)  # hub model -> the commit its stage key names
 
 
 def stage_setup(spec) -> StageContext:
     """Threads, process group, config, store and the (downloaded, verified) data input of a stage job."""
+    from ..stages import hub_pins
+
     configure_threads()
     rank, world = init_distributed()
     cfg = spec.pipeline_config()
     store = spec.open_store()
     data_dir = local_first(lambda: store.get_uri(spec.inputs["data"]))
-    return StageContext(cfg, rank, world, store, Path(data_dir))
+    return StageContext(cfg, rank, world, store, Path(data_dir), hub_pins(spec.key_inputs))
 
 
 def resolve_model_path(ref: str, ctx: StageContext) -> str:
     """A model reference (tiny:*, store URI, folder, hub name) as a local path, built/downloaded once per node."""
     from ..models import resolve_model
 
-    return local_first(lambda: resolve_model(ref, ctx.cfg.models.tiny, ctx.store, ctx.cfg.models.revision))
+    revision = ctx.hub_pins.get(ref, ctx.cfg.models.revision)
+    return local_first(lambda: resolve_model(ref, ctx.cfg.models.tiny, ctx.store, revision))
 
 
 def load_examples(ctx: StageContext, phase: str, split: str, tokenizer, columns=("chosen",)) -> dict[str, list]:
