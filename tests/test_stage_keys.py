@@ -154,7 +154,7 @@ def test_unresolvable_hub_model_makes_plan_exit_2_with_one_line(hf_cache, tmp_pa
     assert not (tmp_path / "store").exists()
 
 
-def test_hub_dataset_is_keyed_by_commit(hf_cache):
+def test_hub_dataset_is_keyed_by_commit(hf_cache, tmp_path):
     from rlhf_tasks.data.sources import fingerprint_source
 
     src = SourceConfig(path="Dahoas/rm-static")
@@ -164,8 +164,17 @@ def test_hub_dataset_is_keyed_by_commit(hf_cache):
     fake_hub_cache(hf_cache, "Dahoas/rm-static", SHA_A, kind="dataset")
     first = fingerprint_source(src)
     assert first == {"kind": "hub", "name": "Dahoas/rm-static", "revision": SHA_A}
+    cfg = load_config(None)
+    old_ki = stages.stage_key_inputs(cfg, "data", {}, fingerprints=[first])
+    store = ArtifactStore(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "x").write_text("x")
+    store.put_dir(tmp_path / "art", "data", compute_key(old_ki), key_inputs=old_ki)
     fake_hub_cache(hf_cache, "Dahoas/rm-static", SHA_B, kind="dataset")
     assert fingerprint_source(src)["revision"] == SHA_B
+    new_ki = stages.stage_key_inputs(cfg, "data", {}, fingerprints=[fingerprint_source(src)])
+    assert compute_key(new_ki) != compute_key(old_ki)
+    assert stages.explain_change(store, "data", new_ki) == f"hub Dahoas/rm-static {SHA_A[:12]} -> {SHA_B[:12]}"
     assert fingerprint_source(SourceConfig(path="Dahoas/rm-static", revision=SHA_A))["revision"] == SHA_A
 
 
