@@ -263,3 +263,14 @@ def test_stage_failed_pickles():
 
     e = pickle.loads(pickle.dumps(StageFailed("sft", "exit code 1", 1, "tail")))
     assert (e.stage, e.returncode, e.log_tail, str(e)) == ("sft", 1, "tail", "stage 'sft' failed: exit code 1")
+
+
+def test_a_corrupted_local_copy_of_a_remote_artifact_is_fetched_again(s3_store, tmp_path):
+    src = make_dir(tmp_path / "src", {"model.safetensors": os.urandom(3000)})
+    s3_store.put_dir(src, "sft", "k")
+    copy = s3_store.get("sft", "k")
+    good = (copy / "model.safetensors").read_bytes()
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.write(bytes([good[0] ^ 1]))
+    again = s3_store.get("sft", "k")
+    assert again == copy and (again / "model.safetensors").read_bytes() == good == (src / "model.safetensors").read_bytes()
