@@ -62,9 +62,11 @@ def test_ppo_stage_kill_and_resume(store, inputs, tmp_path):
     spec = _spec(cfg, store, inputs, tmp_path / "crash")
     launch_and_kill(spec, execution, kill_after_step=3)
     assert not store.exists("ppo", spec.key)
+    assert [k for k in store.keys("ckpt-ppo") if k.startswith(spec.key)] == [f"{spec.key}.step-00000002"]
     run_stage(spec, execution, log=lambda line: None)
     resumed = _metrics(store, spec.output_uri)
     assert resumed["summary"]["resumed_from_step"] == 2
+    assert [k for k in store.keys("ckpt-ppo") if k.startswith(spec.key)] == []  # deleted after the commit
     assert resumed["summary"]["steps"] == 6
     a = {r["step"]: r for r in full["history"]}
     b = {r["step"]: r for r in resumed["history"]}

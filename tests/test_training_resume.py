@@ -40,6 +40,7 @@ def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, k
     assert [k for k in store.keys(f"ckpt-{stage}") if k.startswith(key)] == [f"{key}.step-00000002"]
     run_stage(spec, execution, log=lambda line: None)  # same spec: resumes from step 2
     resumed = metrics(store, spec.output_uri)
+    assert [k for k in store.keys(f"ckpt-{stage}") if k.startswith(key)] == []  # deleted after the commit
 
     assert resumed["summary"]["resumed_from_step"] == 2
     assert resumed["summary"]["steps"] == full["summary"]["steps"] == steps

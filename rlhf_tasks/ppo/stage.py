@@ -11,7 +11,6 @@ the RNG states of every rank, so a killed job resumed from its latest checkpoint
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..models import load_tokenizer
 from ..training.batches import epoch_permutation, micro_batch_indices
-from ..training.checkpoint import CheckpointManager
-from ..training.distributed import barrier, destroy_distributed, local_first, seed_everything
+from ..training.distributed import destroy_distributed, local_first, seed_everything
 from ..training.examples import stage_setup
-from ..training.metrics import MetricsLogger, peak_memory_mb
+from ..training.metrics import peak_memory_mb
+from ..training.resumable import ResumableRun
 from .engine import RLHFEngine
 from .trainer import PPOTrainer
 
@@ -123,48 +122,25 @@ def train_ppo(spec, ctx) -> dict:
     engine = RLHFEngine(sft_dir, reward_dir, tokenizer=tokenizer, config=cfg, total_steps=total, world_size=world)
     trainer = PPOTrainer(engine, cfg)
 
-    run_dir = Path(spec.run_dir or ".")
-    out_dir = run_dir / "output"
-    if rank == 0:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-    barrier()
-    ckpt = CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
-                             keep=cfg.keep_checkpoints)
-    logger = MetricsLogger(out_dir, rank, prefix="ppo", total_steps=total)
-    start_step, elapsed_before = 0, 0.0
-    found = ckpt.latest()
-    if found:
-        state = ckpt.load(found[1], engine.trainable_engines())
+    resumable = ResumableRun(spec, "ppo", total, cfg.keep_checkpoints, started=t_start, store=store)
+    state = resumable.resume(engine.trainable_engines())
+    if state is not None:
         trainer.load_state_dict(state["trainer"])
-        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        logger.restore(state["history"])
-        if rank == 0:
-            print(f"[ppo] resumed from checkpoint step {start_step} of {total}", flush=True)
     else:
         seed_everything(cfg.seed + 7919 * rank)  # per-rank sampling streams, restored on resume
 
-    for step in range(start_step + 1, total + 1):
+    for step in range(resumable.start_step + 1, total + 1):
         batches = [make_batch(cols, rows, with_ptx) for rows in sched.rows(step)]
         stats = trainer.step(batches)
         stats["epoch"] = (step - 1) // sched.steps_per_epoch
-        logger.log(step, stats, echo=step % cfg.log_every == 0 or step == total)
+        resumable.logger.log(step, stats, echo=step % cfg.log_every == 0 or step == total)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
-            ckpt.save(step, engine.trainable_engines(),
-                      {"trainer": trainer.state_dict(), "history": logger.history, "position": step,
-                       "elapsed_s": elapsed_before + time.time() - t_start})
+            resumable.checkpoint(step, engine.trainable_engines(), {"trainer": trainer.state_dict(), "position": step})
 
-    engine.save_actor(out_dir / "actor")
+    engine.save_actor(resumable.out_dir / "actor")
     if engine.ema is not None:
-        engine.ema.save_hf(tokenizer, out_dir / "ema")
-    summary = summarize(logger.history, total, start_step, world, elapsed_before + time.time() - t_start)
+        engine.ema.save_hf(tokenizer, resumable.out_dir / "ema")
+    summary = summarize(resumable.logger.history, total, resumable.start_step, world, resumable.elapsed_s())
     summary["peak_mem_mb"] = round(peak_memory_mb(), 1)
-    logger.write(out_dir / "metrics.json", summary)
-    logger.close()
-    if rank == 0:
-        from ..stages import commit_stage_output
-
-        uri = commit_stage_output(spec, out_dir, summary)
-        print(f"[ppo] committed {uri}", flush=True)
-    barrier()
+    resumable.commit(summary)  # then its checkpoints are deleted, as for SFT and the reward model
     return summary

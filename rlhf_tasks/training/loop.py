@@ -1,8 +1,8 @@
-"""The shared step loop of SFT and the reward model: deterministic sharded batches, periodic eval, checkpoints,
-resume, final eval, HF folder + metrics.json committed as the stage artifact."""
+"""The shared step loop of SFT and the reward model: deterministic sharded batches, periodic eval, final eval, the
+HF folder and metrics.json. As a stage job (`run_training_stage`) it resumes from and writes checkpoints and commits
+the stage artifact; from Python (`fit_task`, behind `sft.fit` / `reward.fit`) it needs neither a spec nor a store."""
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +12,16 @@ import torch
 
 from ..errors import DataError
 from .batches import epoch_permutation, micro_batch_indices
-from .checkpoint import CheckpointManager
-from .distributed import all_reduce_sum, barrier, rank_world, seed_everything
+from .distributed import all_reduce_sum, barrier, init_distributed, rank_world, seed_everything
 from .engine import build_engine
 from .export import save_hf
 from .metrics import MetricsLogger, peak_memory_mb
+from .resumable import ResumableRun
 
 
 @dataclass
 class StageTask:
-    """What a stage plugs into `run_training_stage`.
+    """What a stage plugs into `fit_task` / `run_training_stage`.
 
     `loss(engine, rows)` returns (loss tensor, {name: float}) for one micro-batch of training rows (indices);
     `evaluate(engine)` runs the full eval on all ranks and returns reduced metrics (same on every rank);
@@ -50,40 +50,49 @@ def plan_steps(tcfg, n_train: int, world: int) -> tuple[int, int]:
     return spe, total
 
 
+@dataclass
+class TrainResult:
+    """What `fit_task` returns: the trained DeepSpeed engine (`plain_hf_model(result.engine)` is the HF model), the
+    flat summary (eval before/after, final train loss, steps, throughput) and the per-step history."""
+
+    engine: Any
+    summary: dict
+    history: list[dict]
+
+
 def run_training_stage(spec, task: StageTask) -> dict:
-    """Train `task` under DeepSpeed: resume from the latest checkpoint of `spec.key` if one verifies, else
-    evaluate first; then the step loop with periodic eval and checkpoints; final eval; HF folder + metrics.json
-    committed as the stage artifact on rank 0. Returns the flat summary."""
+    """Train `task` as the stage job of `spec`: resume from the latest loadable checkpoint of `spec.key`, checkpoint
+    every `checkpoint_every` steps, commit the HF folder + metrics.json as the stage artifact. Returns the summary."""
+    return fit_task(task, spec=spec).summary
+
+
+def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -> TrainResult:
+    """Train `task` under DeepSpeed: evaluate first (or resume, as a stage job), then the step loop with periodic
+    eval (and checkpoints, as a stage job); final eval. With `spec` (a stage job) the output goes into the run folder
+    and is committed; otherwise into `out_dir` when given (an HF folder + metrics.json + TensorBoard events)."""
     t_start = time.time()
     tcfg = task.tcfg
+    init_distributed()
     rank, world = rank_world()
     spe, total = plan_steps(tcfg, task.n_train, world)
     engine = build_engine(task.model, tcfg, total_steps=total, world_size=world)
-    run_dir = Path(spec.run_dir or ".")
-    out_dir = run_dir / "output"
-    if rank == 0:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-    barrier()
-    store = spec.open_store()
-    ckpt = CheckpointManager(store, spec.stage, spec.key, staging_dir=run_dir / "checkpoint-staging",
-                             keep=tcfg.keep_checkpoints)
-    logger = MetricsLogger(out_dir, rank, prefix=task.name, total_steps=total)
-    start_step, elapsed_before, eval_before = 0, 0.0, None
-    found = ckpt.latest()
-    if found:
-        state = ckpt.load(found[1], {"model": engine})
-        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+    resumable = None if spec is None else ResumableRun(spec, task.name, total, tcfg.keep_checkpoints, started=t_start)
+    if resumable is not None:
+        out_dir = resumable.out_dir
+        logger = resumable.logger
+    else:
+        out_dir = Path(out_dir) if out_dir is not None else None
+        logger = MetricsLogger(out_dir, rank, prefix=task.name, total_steps=total)
+    state = resumable.resume({"model": engine}) if resumable is not None else None
+    if state is not None:
         eval_before = state["eval_before"]
-        logger.restore(state["history"])
-        if rank == 0:
-            print(f"[{task.name}] resumed from checkpoint step {start_step} of {total}", flush=True)
     else:
         seed_everything(tcfg.seed + 7919 * rank)  # per-rank dropout streams, reproducible on resume
         engine.eval()
         eval_before = task.evaluate(engine)
         logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
 
+    start_step = resumable.start_step if resumable is not None else 0
     tokens_done, train_time = 0, 0.0
     last = {}
     for step in range(start_step + 1, total + 1):
@@ -117,16 +126,17 @@ def run_training_stage(spec, task: StageTask) -> dict:
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
             engine.eval()
             logger.log(step, {f"eval/{k}": v for k, v in task.evaluate(engine).items()})
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total:
-            ckpt.save(step, {"model": engine}, {"eval_before": eval_before, "history": logger.history,
-                                                "elapsed_s": elapsed_before + time.time() - t_start,
-                                                "epoch": epoch, "position": pos + 1})
+        if resumable is not None and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total:
+            resumable.checkpoint(step, {"model": engine},
+                                 {"eval_before": eval_before, "epoch": epoch, "position": pos + 1})
     engine.eval()
     eval_after = task.evaluate(engine)
     logger.log(total, {f"eval/{k}": v for k, v in eval_after.items()})
-    save_hf(engine, task.tokenizer, out_dir, rank, keep_adapter=tcfg.lora.r > 0 and not tcfg.lora.merge)
+    if out_dir is not None:
+        save_hf(engine, task.tokenizer, out_dir, rank, keep_adapter=tcfg.lora.r > 0 and not tcfg.lora.merge)
+    wall_s = resumable.elapsed_s() if resumable is not None else time.time() - t_start
     summary: dict[str, Any] = {"steps": total, "resumed_from_step": start_step, "world_size": world,
-                               "wall_s": round(elapsed_before + time.time() - t_start, 3),
+                               "wall_s": round(wall_s, 3),
                                "train_tokens_per_s": round(tokens_done / train_time, 2) if train_time else 0.0,
                                "peak_mem_mb": round(peak_memory_mb(), 1)}
     if "loss" in last:
@@ -135,14 +145,11 @@ def run_training_stage(spec, task: StageTask) -> dict:
         summary[f"eval_{k}_before"] = v
     for k, v in eval_after.items():
         summary[f"eval_{k}"] = v
-    logger.write(out_dir / "metrics.json", summary)
-    logger.close()
-    if rank == 0:
-        from ..stages import commit_stage_output
-
-        uri = commit_stage_output(spec, out_dir, summary)
-        print(f"[{task.name}] committed {uri}", flush=True)
-        for old in ckpt.steps():  # the artifact exists: its checkpoints are garbage now
-            store.delete(ckpt.kind, ckpt.tag(old))
-    barrier()
-    return summary
+    if resumable is not None:
+        resumable.commit(summary)
+    else:
+        if out_dir is not None:
+            logger.write(out_dir / "metrics.json", summary)
+        logger.close()
+        barrier()
+    return TrainResult(engine, summary, logger.history)

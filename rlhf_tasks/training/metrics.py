@@ -12,12 +12,14 @@ import torch
 
 
 class MetricsLogger:
-    """Progress lines on stdout, an in-memory history, TensorBoard events under `out_dir/tensorboard` (rank 0)."""
+    """Progress lines on stdout, an in-memory history, TensorBoard events under `out_dir/tensorboard` (rank 0;
+    none without an `out_dir`)."""
 
-    def __init__(self, out_dir: str | Path, rank: int, prefix: str = "", total_steps: int | None = None):
-        self.out_dir, self.rank, self.prefix, self.total_steps = Path(out_dir), rank, prefix, total_steps
+    def __init__(self, out_dir: str | Path | None, rank: int, prefix: str = "", total_steps: int | None = None):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.rank, self.prefix, self.total_steps = rank, prefix, total_steps
         self.history: list[dict] = []
-        self._tb = None
+        self._tb = None if self.out_dir is not None else False
 
     def _writer(self):
         if self._tb is None and self.rank == 0:

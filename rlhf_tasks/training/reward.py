@@ -2,18 +2,24 @@
 new linear head; encoder classifiers work too), scored at the last real token of prompt + response, trained with
 the pairwise loss -log sigmoid(r_chosen - r_rejected). Eval: accuracy, mean chosen/rejected score, margin.
 The artifact is an AutoModelForSequenceClassification folder (num_labels=1) that `models.load_score_model` loads
-with its head. Job entry: `run(spec)`."""
+with its head.
+
+From Python (no pipeline, spec or store): `fit(score_model, tokenizer, train_examples, eval_examples,
+RewardConfig(...))`. Job entry: `run(spec)`."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..models import load_score_model, load_tokenizer
+from pathlib import Path
+
+from ..config.stages import RewardConfig
+from ..models import load_score_model, load_tokenizer, set_dropout
 from .batches import eval_shards, join_truncate, pad_batch
-from .distributed import all_reduce_sum, destroy_distributed, device, seed_everything
+from .distributed import all_reduce_sum, destroy_distributed, device, init_distributed, rank_world, seed_everything
 from .engine import ScoreHead, apply_lora
-from .examples import StageContext, load_examples, resolve_model_path, stage_setup
-from .loop import StageTask, run_training_stage
+from .examples import load_examples, resolve_model_path, stage_setup
+from .loop import StageTask, TrainResult, fit_task, run_training_stage
 
 
 def pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +36,11 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
 
 
 class RewardTask:
-    """Pair batches, loss and eval of the reward stage for `run_training_stage`."""
+    """Pair batches, loss and eval of the reward model (the process group must be initialised)."""
 
-    def __init__(self, ctx: StageContext, tokenizer, train: dict, evals: dict):
-        tcfg = ctx.cfg.reward
-        self.tcfg, self.tok, self.rank, self.world = tcfg, tokenizer, ctx.rank, ctx.world
+    def __init__(self, tcfg: RewardConfig, tokenizer, train: dict, evals: dict):
+        self.tcfg, self.tok = tcfg, tokenizer
+        self.rank, self.world = rank_world()
         self.dev = device()
         self.train = self._pairs(train)
         self.eval = self._pairs(evals)
@@ -70,6 +76,32 @@ class RewardTask:
                 "loss": sl / n}
 
 
+def reward_task(model, tokenizer, train_examples: dict, eval_examples: dict, tcfg: RewardConfig) -> StageTask:
+    """The reward-model `StageTask`: dropout and LoRA (`tcfg.lora`) applied to the score model, which is wrapped in
+    a `ScoreHead` (its engine forward returns the scores); pairs built from token ids {"prompt_ids", "chosen_ids",
+    "rejected_ids": [[int]]} (responses ending with EOS)."""
+    init_distributed()
+    set_dropout(model, tcfg.dropout)
+    model.config.use_cache = False
+    model = ScoreHead(apply_lora(model, tcfg.lora), "sequence")
+    task = RewardTask(tcfg, tokenizer, train_examples, eval_examples)
+    return StageTask(name="reward", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train),
+                     loss=task.loss, evaluate=task.evaluate, tokens=task.tokens)
+
+
+def fit(model, tokenizer, train_examples: dict, eval_examples: dict, config: RewardConfig | None = None, *,
+        out_dir: str | Path | None = None) -> TrainResult:
+    """Train a reward model from Python, without a pipeline, spec or store.
+
+    `model`: a score model (`models.load_score_model(path)`: a causal-LM folder gets a new scalar head);
+    `tokenizer` with a pad token; examples: {"prompt_ids", "chosen_ids", "rejected_ids": [[int]]} (token ids;
+    responses end with EOS). Every `RewardConfig` field applies except checkpoints, which need a store
+    (`head_init_std` is read by `load_score_model`). Returns TrainResult(engine, summary, history); with `out_dir`,
+    an HF sequence-classification folder + metrics.json land there."""
+    config = config or RewardConfig()
+    return fit_task(reward_task(model, tokenizer, train_examples, eval_examples, config), out_dir=out_dir)
+
+
 def run(spec) -> dict:
     ctx = stage_setup(spec)
     tcfg = ctx.cfg.reward
@@ -77,16 +109,11 @@ def run(spec) -> dict:
     models = ctx.cfg.models
     path = resolve_model_path(models.reward or models.actor, ctx)
     tokenizer = load_tokenizer(path, padding_side="right")
-    model = load_score_model(path, dtype=torch.float32, dropout=tcfg.dropout, head_init_std=tcfg.head_init_std)
-    model.config.use_cache = False
-    model = ScoreHead(apply_lora(model, tcfg.lora), "sequence")
+    model = load_score_model(path, dtype=torch.float32, head_init_std=tcfg.head_init_std)
     cols = ("chosen", "rejected")
     train = load_examples(ctx, "reward", "train", tokenizer, cols)
     evals = load_examples(ctx, "reward", "eval", tokenizer, cols)
-    task = RewardTask(ctx, tokenizer, train, evals)
     try:
-        return run_training_stage(spec, StageTask(
-            name="reward", tcfg=tcfg, model=model, tokenizer=tokenizer, n_train=len(task.train),
-            loss=task.loss, evaluate=task.evaluate, tokens=task.tokens))
+        return run_training_stage(spec, reward_task(model, tokenizer, train, evals, tcfg))
     finally:
         destroy_distributed()
