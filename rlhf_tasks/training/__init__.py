@@ -6,8 +6,11 @@
   deepspeed_internals   every patch of DeepSpeed's (and torch's) private internals, each with its guard
   export                `save_hf`: a consolidated plain HF folder (ZeRO-3 gathered, LoRA merged, safetensors)
   checkpoint            `CheckpointManager`: full training checkpoints in the store, resume from the newest good one
+  resumable             `ResumableRun`: the resume scaffolding of every stage job (SFT, RM, PPO) and its commit
   metrics               `MetricsLogger`: progress lines, history, TensorBoard, metrics.json
   batches               deterministic sharded batches, padding, truncation
-  loop                  `run_training_stage`: the SFT/RM step loop with eval, checkpoints and resume
+  loop                  `run_training_stage` / `fit_task`: the SFT/RM step loop (as a stage job / from Python)
+
+From Python without a pipeline: `sft.fit(model, tokenizer, train_ids, eval_ids, SFTConfig(...))`, `reward.fit(...)`.
   examples              stage job setup and token ids of one data phase/split
 """
