@@ -50,6 +50,19 @@ def data_uri(store):
 
 
 @pytest.fixture
+def single_process_group(monkeypatch):
+    """An in-process DeepSpeed process group of one rank (fresh rendezvous), torn down after the test."""
+    from rlhf_tasks.training.distributed import destroy_distributed, init_distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    init_distributed()
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture
 def local_store(tmp_path):
     from rlhf_tasks.store import ArtifactStore
 

@@ -11,20 +11,7 @@ import torch
 from rlhf_tasks import models
 from rlhf_tasks.config import TinyModelConfig, TrainingConfig
 from rlhf_tasks.training import deepspeed_internals as dsi
-from rlhf_tasks.training.distributed import destroy_distributed, init_distributed
 from rlhf_tasks.training.engine import build_engine
-
-
-@pytest.fixture
-def single_process_group(monkeypatch):
-    from rlhf_tasks.launch import free_port
-
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-    init_distributed()
-    yield
-    destroy_distributed()
 
 
 @pytest.fixture

@@ -173,19 +173,6 @@ def test_pairwise_loss_values():
     assert torch.allclose(pairwise_loss(rc, rr), expected)
 
 
-@pytest.fixture
-def single_process_group(monkeypatch):
-    from rlhf_tasks.launch import free_port
-    from rlhf_tasks.training.distributed import destroy_distributed, init_distributed
-
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-    init_distributed()
-    yield
-    destroy_distributed()
-
-
 def test_checkpoint_manager_roundtrip_prune_and_fallback(any_store, single_process_group, tmp_path):
     """Save three checkpoints (keep 2), corrupt the newest: latest() falls back to the previous one, and load
     restores its weights, optimizer step count and RNG stream. Runs on a local folder and on S3 (moto)."""

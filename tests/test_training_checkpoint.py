@@ -12,7 +12,7 @@ from rlhf_tasks import models
 from rlhf_tasks.config import TinyModelConfig, TrainingConfig
 from rlhf_tasks.stages import StageSpec
 from rlhf_tasks.training.checkpoint import CheckpointManager
-from rlhf_tasks.training.distributed import destroy_distributed, init_distributed, seed_everything
+from rlhf_tasks.training.distributed import seed_everything
 from rlhf_tasks.training.engine import build_engine
 from rlhf_tasks.training.resumable import ResumableRun
 
@@ -48,18 +48,6 @@ def pickled(obj, tmp_path: Path) -> bytes:
     f = tmp_path / f"{uuid.uuid4().hex}.pt"
     torch.save(obj, f)
     return f.read_bytes()
-
-
-@pytest.fixture
-def single_process_group(monkeypatch):
-    from rlhf_tasks.launch import free_port
-
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-    init_distributed()
-    yield
-    destroy_distributed()
 
 
 def _engine():
