@@ -170,7 +170,8 @@ def test_ema_needs_a_plain_actor():
 
 
 def test_tiny_model_heads_divide_the_hidden_size():
-    _rejects(["models.tiny.hidden_size=66"], "models.tiny.hidden_size (66) must be a multiple of models.tiny.num_heads (4)")
+    _rejects(["models.tiny.hidden_size=66"],
+             "models.tiny.hidden_size (66) must be a multiple of models.tiny.num_heads (4)")
     assert load_config(None, ["models.tiny.hidden_size=72"]).models.tiny.hidden_size == 72
     # llama's rotary embeddings need an even head size; opt has none
     _rejects(["models.tiny.hidden_size=60"], "= 15 must be even for tiny:llama")

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .pipeline import PipelineConfig, TinyModelConfig
     from .stages import PPOConfig
+    from .training import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _model_refs(cfg: PipelineConfig) -> list[str]:
     return [r for r in (m.actor, m.reward, m.tokenizer) if r]
 
 
-def _trained(cfg: PipelineConfig) -> dict[str, object]:
+def _trained(cfg: PipelineConfig) -> dict[str, EngineConfig]:
     """Every trained model's engine settings by config path."""
     return {"sft": cfg.sft, "reward": cfg.reward, "ppo.actor": cfg.ppo.actor, "ppo.critic": cfg.ppo.critic}
 
@@ -80,18 +81,19 @@ def processes(cfg: PipelineConfig) -> int:
     return cfg.execution.num_procs * cfg.execution.num_nodes
 
 
-def rows_per_step(cfg: PipelineConfig) -> dict[str, tuple[int, str]]:
-    """Training rows each stage takes from its data phase per step (all processes), with the fields that make it."""
+def rows_per_step(cfg: PipelineConfig) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Training rows each stage takes from its data phase per step (all processes), with the fields whose product
+    it is."""
     world = processes(cfg)
-    procs = "execution.num_procs x execution.num_nodes"
+    procs = ("execution.num_procs", "execution.num_nodes")
     out = {}
     for stage in ("sft", "reward"):
         t = getattr(cfg, stage)
         out[stage] = (t.micro_batch_size * t.grad_accum * world,
-                      f"{stage}.micro_batch_size x {stage}.grad_accum x {procs}")
+                      (f"{stage}.micro_batch_size", f"{stage}.grad_accum", *procs))
     p = cfg.ppo
     out["ppo"] = (p.prompt_batch_size * p.generation_batches * world,
-                  f"ppo.prompt_batch_size x ppo.generation_batches x {procs}")
+                  ("ppo.prompt_batch_size", "ppo.generation_batches", *procs))
     return out
 
 
@@ -114,13 +116,13 @@ def data_fit_rules(cfg: PipelineConfig, train_rows: Mapping[str, int], known_fro
     come from, for the message (e.g. "the data", "data.sources max_rows")."""
     out = []
     world = processes(cfg)
-    for stage, (need, how) in rows_per_step(cfg).items():
+    for stage, (need, fields) in rows_per_step(cfg).items():
         have = train_rows.get(stage)
         if have is not None and need > have:
-            fields = tuple(f.strip() for f in how.split(" x ")) + ("data.data_split",)
-            out.append(Violation(fields, f"{how} = {need} rows per {stage} step"
-                                         f"{f' ({world} processes)' if world > 1 else ''}, but {known_from} "
-                                         f"give the {stage} phase at most {have} training rows"))
+            procs = f" ({world} processes)" if world > 1 else ""
+            out.append(Violation(fields + ("data.data_split",),
+                                 f"{' x '.join(fields)} = {need} rows per {stage} step{procs}, but {known_from} "
+                                 f"give the {stage} phase at most {have} training rows"))
     return out
 
 
