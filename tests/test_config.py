@@ -185,12 +185,25 @@ def test_fp16_on_cpu(path):
     _rejects(["execution.device=cpu", f"{path}.precision=fp16"], f"{path}.precision: fp16 needs a GPU")
     assert load_config(None, ["execution.device=cpu", f"{path}.precision=bf16"]).execution.device == "cpu"
     on_gpu = load_config(None, ["execution.device=cuda", f"{path}.precision=fp16"])
-    assert rules.precision_rules(on_gpu, "cuda") == []
+    assert rules.device_rules(on_gpu, "cuda") == []
     # device auto: decided before launch, once the jobs' device is known
     auto = load_config(None, [f"{path}.precision=fp16"])
-    assert [v.fields[0] for v in rules.precision_rules(auto, "cpu")] == [f"{path}.precision"]
+    assert [v.fields[0] for v in rules.device_rules(auto, "cpu")] == [f"{path}.precision"]
     with pytest.raises(ConfigError, match=f"{path}.precision: fp16"):
-        rules.raise_first(rules.precision_rules(auto, "cpu"))
+        rules.raise_first(rules.device_rules(auto, "cpu"))
+
+
+def test_deepspeed_hybrid_engine_rules():
+    from rlhf_tasks.config import rules
+
+    _rejects(["ppo.hybrid_engine=deepspeed", "ppo.inference_tp_size=2"],
+             "ppo.inference_tp_size > 1 needs ppo.actor.zero_stage=3, got 0")
+    assert load_config(None, ["ppo.hybrid_engine=deepspeed", "ppo.inference_tp_size=2",
+                              "ppo.actor.zero_stage=3"]).ppo.inference_tp_size == 2
+    _rejects(["execution.device=cpu", "ppo.hybrid_engine=deepspeed"], "ppo.hybrid_engine: deepspeed needs CUDA")
+    auto = load_config(None, ["ppo.hybrid_engine=deepspeed"])
+    assert [v.fields[0] for v in rules.device_rules(auto, "cpu")] == ["ppo.hybrid_engine"]
+    assert rules.device_rules(auto, "cuda") == []
 
 
 def test_timeout_must_be_meaningful():

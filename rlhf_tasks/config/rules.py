@@ -3,7 +3,7 @@
 Each rule is a pure function of config objects (no torch, no I/O) that returns the violations it finds; a violation
 is one line naming every field involved. The config models run the rules that need nothing but the config when
 they are validated (so `load_config` turns them into one `ConfigError` line, exit 2); the pre-launch checks run the
-two that need facts known only then: the device the jobs get (`precision_rules`) and the rows of each data phase
+two that need facts known only then: the device the jobs get (`device_rules`) and the rows of each data phase
 (`data_fit_rules`).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Violation:
 
 
 def ppo_rules(ppo: PPOConfig) -> list[Violation]:
-    """The experience buffer is a whole number of mini-batches, each a whole number of micro-batches.
+    """The experience buffer is a whole number of mini-batches, each a whole number of micro-batches; and the
+    combinations the PPO engines refuse (DeepSpeed HE tensor parallelism without ZeRO-3, an EMA of a LoRA actor).
 
     DeepSpeed steps the optimizer on its own micro-step counter (every mini_batch_size / micro_batch_size
     micro-steps), so a partial mini-batch would spill its gradients into the next update."""
@@ -51,6 +52,10 @@ def ppo_rules(ppo: PPOConfig) -> list[Violation]:
             out.append(Violation((f"ppo.{name}.micro_batch_size", "ppo.mini_batch_size"),
                                  f"ppo.mini_batch_size ({ppo.mini_batch_size}) must be a whole number of "
                                  f"ppo.{name}.micro_batch_size ({micro}) micro-batches"))
+    if ppo.hybrid_engine == "deepspeed" and ppo.inference_tp_size > 1 and ppo.actor.zero_stage != 3:
+        out.append(Violation(("ppo.inference_tp_size", "ppo.actor.zero_stage"),
+                             f"ppo.inference_tp_size > 1 needs ppo.actor.zero_stage=3, got {ppo.actor.zero_stage} "
+                             f"(DeepSpeed Hybrid Engine rule)"))
     if ppo.ema_decay is not None and ppo.actor.lora.r > 0:
         out.append(Violation(("ppo.ema_decay", "ppo.actor.lora.r"),
                              "ppo.ema_decay with LoRA on the actor (ppo.actor.lora.r > 0) is not supported"))
@@ -126,14 +131,20 @@ def data_fit_rules(cfg: PipelineConfig, train_rows: Mapping[str, int], known_fro
     return out
 
 
-def precision_rules(cfg: PipelineConfig, device_type: str) -> list[Violation]:
-    """fp16 training needs an accelerator: DeepSpeed's CPU accelerator has no fp16 (bf16 and fp32 run).
-    `device_type` is what the stage jobs get: "cpu" or "cuda"."""
+def device_rules(cfg: PipelineConfig, device_type: str) -> list[Violation]:
+    """What needs an accelerator: fp16 training (DeepSpeed's CPU accelerator has none; bf16 and fp32 run) and
+    DeepSpeed's Hybrid Engine (CUDA-only inference kernels). `device_type` is what the stage jobs get: "cpu" or
+    "cuda"."""
     if device_type != "cpu":
         return []
-    return [Violation((f"{path}.precision", "execution.device"),
-                      f"{path}.precision: fp16 needs a GPU, but the stage jobs run on the CPU; use bf16 or fp32")
-            for path, t in _trained(cfg).items() if t.precision == "fp16"]
+    out = [Violation((f"{path}.precision", "execution.device"),
+                     f"{path}.precision: fp16 needs a GPU, but the stage jobs run on the CPU; use bf16 or fp32")
+           for path, t in _trained(cfg).items() if t.precision == "fp16"]
+    if cfg.ppo.hybrid_engine == "deepspeed":
+        out.append(Violation(("ppo.hybrid_engine", "execution.device"),
+                             "ppo.hybrid_engine: deepspeed needs CUDA, but the stage jobs run on the CPU; use "
+                             "ppo.hybrid_engine=portable"))
+    return out
 
 
 def pipeline_rules(cfg: PipelineConfig) -> list[Violation]:
@@ -146,7 +157,7 @@ def pipeline_rules(cfg: PipelineConfig) -> list[Violation]:
                                  f"models.tiny.hidden_size / models.tiny.num_heads = {head_dim} must be even for "
                                  f"tiny:llama (rotary embeddings rotate pairs of dimensions)"))
     if cfg.execution.device == "cpu":
-        out += precision_rules(cfg, "cpu")
+        out += device_rules(cfg, "cpu")
     out += data_fit_rules(cfg, max_phase_rows(cfg), "data.sources max_rows")
     return out
 
