@@ -175,6 +175,13 @@ class PPOConfig(Section):
     hybrid_engine: Literal["portable", "deepspeed"] = Field(
         "portable", description="portable: ours, any device; deepspeed: DeepSpeed's Hybrid Engine (CUDA only)."
     )
+    generation: Literal["auto", "hf", "compiled"] = Field(
+        "auto",
+        description="How the portable hybrid engine generates experience: compiled = our static-KV-cache decode "
+        "loop with its decode step torch.compile'd (CUDA graphs on GPU); hf = transformers' generate; auto = the "
+        "decode loop, its step compiled on CUDA and eager on CPU (each measured faster there). Models or settings "
+        "the loop does not cover use generate, with the reason logged.",
+    )
     inference_tp_size: int = Field(1, ge=1, description="DeepSpeed HE inference tensor parallelism.")
     tp_gather_partition_size: int = Field(8, ge=1, description="DeepSpeed HE gather partition size.")
     release_inference_cache: bool = Field(False, description="DeepSpeed HE: free the inference cache after use.")

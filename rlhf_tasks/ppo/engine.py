@@ -208,7 +208,7 @@ class RLHFEngine:
         if cfg.offload_reward and reward_t.zero_stage != 3:
             self.reward = Offloaded(self.reward, self.device)
         self.ema = ActorEMA(self.actor, cfg.ema_decay, self.rank) if cfg.ema_decay else None
-        self.hybrid = make_hybrid_engine(cfg.hybrid_engine, self.actor)
+        self.hybrid = make_hybrid_engine(cfg.hybrid_engine, self.actor, cfg.generation)
 
     @classmethod
     def from_paths(cls, actor_path: str, reward_path: str, config: PPOConfig | None = None, **kw) -> "RLHFEngine":

@@ -4,8 +4,11 @@ One interface (`HybridEngine`: `generation_mode()` and `generate()`), two implem
 
 - `PortableHybridEngine` (any device): entering generation mode puts the model in eval mode (dropout off), gathers
   ZeRO-3 partitioned parameters ONCE for the whole generation (not per token), merges LoRA adapters into the base
-  weights, and generates with the KV cache and left-padded prompts; leaving it unmerges LoRA (restoring the exact
-  base weights), releases the gathered parameters and restores the previous train/eval mode.
+  weights, and generates with left-padded prompts; leaving it unmerges LoRA (restoring the exact base weights),
+  releases the gathered parameters and restores the previous train/eval mode. It generates with our static-cache
+  decode loop (`decode.StaticDecoder`, `ppo.generation`: compiled/auto) on those same weights, merged LoRA layers
+  bypassed (their base layers called directly), or with HF `generate` (`hf`, and the fallback for models or
+  arguments the loop does not cover, with the reason logged once).
 - `DeepSpeedHybridEngine` (CUDA only): DeepSpeed's own Hybrid Engine (inference kernels, tensor-parallel
   inference). Built by passing `deepspeed_he_config(ppo_cfg)` into the engine's DeepSpeed config. With
   transformers 5 its `engine.generate` raises AttributeError, so we call `engine.eval(); engine.module.generate();
@@ -15,14 +18,19 @@ One interface (`HybridEngine`: `generation_mode()` and `generate()`), two implem
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
 
 from ..errors import ConfigError
 from ..models import pad_token_lists
+from . import decode
 from ..training.deepspeed_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
                                            hybrid_engine_tp_size, zero3_gathered_without_hooks)
+
+log = logging.getLogger(__name__)
+GENERATIONS = ("auto", "hf", "compiled")
 
 
 def engine_module(engine) -> torch.nn.Module:
@@ -64,6 +72,7 @@ class HybridEngine:
     `he.generate(input_ids, attention_mask, **kwargs) -> sequences [B, P + N]` does one generation in that mode."""
 
     name = "abstract"
+    choice = "transformers' generate"  # how it generates and why (the stage log prints it)
 
     def __init__(self, engine):
         self.engine = engine
@@ -78,14 +87,37 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs) -> torch.Tensor:
         """Generate from left-padded prompts. input_ids, attention_mask [B, P] -> sequences [B, P + N]."""
-        gen_kwargs.setdefault("use_cache", True)
-        if gen_kwargs.get("min_new_tokens") and gen_kwargs.get("min_length") is None:
-            # `generate` turns min_new_tokens into min_length = prompt width + min_new_tokens AND keeps a second
-            # processor for min_new_tokens: two identical EOS masks (arange, isin, clone, where) per token. The
-            # prompts are left-padded to one width, so min_length alone masks exactly the same positions.
-            gen_kwargs["min_length"] = input_ids.shape[1] + gen_kwargs.pop("min_new_tokens")
         with self.generation_mode() as model:
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            return self._generate_in_mode(model, input_ids, attention_mask, gen_kwargs)
+
+    def _generate_in_mode(self, model, input_ids, attention_mask, gen_kwargs: dict) -> torch.Tensor:
+        return hf_generate(model, input_ids, attention_mask, gen_kwargs)
+
+
+def hf_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen_kwargs: dict) -> torch.Tensor:
+    """HF `generate` with the KV cache. input_ids, attention_mask [B, P] -> sequences [B, P + N]"""
+    gen_kwargs = {"use_cache": True, **gen_kwargs}
+    if gen_kwargs.get("min_new_tokens") and gen_kwargs.get("min_length") is None:
+        # `generate` turns min_new_tokens into min_length = prompt width + min_new_tokens AND keeps a second
+        # processor for min_new_tokens: two identical EOS masks (arange, isin, clone, where) per token. The
+        # prompts are left-padded to one width, so min_length alone masks exactly the same positions.
+        gen_kwargs["min_length"] = input_ids.shape[1] + gen_kwargs.pop("min_new_tokens")
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+
+def resolve_generation(setting: str, dev: torch.device) -> tuple[str, bool, str]:
+    """`ppo.generation` on this device -> (path: "static" or "hf", compile the decode step?, why)."""
+    if setting == "hf":
+        return "hf", False, "ppo.generation=hf: transformers' generate"
+    if setting == "compiled":
+        return "static", True, "ppo.generation=compiled: static-cache decode loop, decode step torch.compile'd"
+    if setting != "auto":
+        raise ConfigError(f"ppo.generation: unknown {setting!r} ({', '.join(GENERATIONS)})")
+    if dev.type == "cuda":
+        return "static", True, ("auto on CUDA: static-cache decode loop, step torch.compile'd with CUDA graphs "
+                                "(eager decoding is bound by kernel launches at small batch)")
+    return "static", False, ("auto on CPU: static-cache decode loop with an eager step (measured faster than "
+                             "generate and than a torch.compile'd step; benchmarks/ppo_throughput.py)")
 
 
 class PortableHybridEngine(HybridEngine):
@@ -94,9 +126,37 @@ class PortableHybridEngine(HybridEngine):
 
     name = "portable"
 
-    def __init__(self, engine, gather_zero3: bool = True):
+    def __init__(self, engine, gather_zero3: bool = True, generation: str = "auto"):
         super().__init__(engine)
         self.gather_zero3 = gather_zero3
+        dev = next(self.module.parameters()).device
+        self.path, compile_step, self.choice = resolve_generation(generation, dev)
+        self.decoder = decode.StaticDecoder(_hf_causal_lm(self.module), compile_step=compile_step,
+                                            check_every=8 if dev.type == "cuda" else 1)
+        self.last_compile_s = 0.0
+        self._model_reason: str | None = None  # why the decode loop cannot run this model (None: it can)
+        self._model_checked = False
+        self._noted: set[str] = set()
+
+    def _generate_in_mode(self, model, input_ids, attention_mask, gen_kwargs: dict) -> torch.Tensor:
+        self.last_compile_s = 0.0
+        reason = self._static_reason(gen_kwargs) if self.path == "static" else None
+        if self.path == "hf" or reason is not None:
+            if reason is not None and reason not in self._noted:
+                self._noted.add(reason)
+                log.warning("ppo.generation: HF generate instead of the static-cache decode loop: %s", reason)
+            return hf_generate(model, input_ids, attention_mask, gen_kwargs)
+        settings, _ = decode.settings_from_generate_kwargs(self.decoder.model, gen_kwargs)
+        before = self.decoder.compile_s
+        with _lora_bypassed(model):
+            out = self.decoder.generate(input_ids, attention_mask, settings)
+        self.last_compile_s = self.decoder.compile_s - before
+        return out
+
+    def _static_reason(self, gen_kwargs: dict) -> str | None:
+        if not self._model_checked:  # inside generation mode: ZeRO-3 weights are gathered
+            self._model_reason, self._model_checked = decode.unsupported_reason(self.decoder.model), True
+        return self._model_reason or decode.settings_from_generate_kwargs(self.decoder.model, gen_kwargs)[1]
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[torch.nn.Module]:
@@ -147,6 +207,26 @@ def inference_forward(engine) -> Iterator[None]:
         yield
 
 
+def _hf_causal_lm(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a peft wrapper (LoRA layers stay injected), else the module itself."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+@contextlib.contextmanager
+def _lora_bypassed(module: torch.nn.Module) -> Iterator[None]:
+    """Merged LoRA layers replaced by their base layers in the module tree (a merged layer's forward only calls its
+    base layer, through peft's per-call argument checks and adapter bookkeeping); put back on exit."""
+    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if getattr(child, "merged", False) and hasattr(child, "get_base_layer")]
+    for parent, name, child in swaps:
+        setattr(parent, name, child.get_base_layer())
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
 @contextlib.contextmanager
 def _merged_lora(loras: list, restore_exact: bool):
     """Merge LoRA adapters into the base weights; on exit unmerge and (when the weights persist, i.e. not inside a
@@ -188,6 +268,7 @@ class DeepSpeedHybridEngine(HybridEngine):
     with `deepspeed_he_config(...)` merged into its config."""
 
     name = "deepspeed"
+    choice = "DeepSpeed's Hybrid Engine (its patched generate; ppo.generation does not apply)"
 
     def __init__(self, engine):
         from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine as _DSHE
@@ -225,10 +306,10 @@ class DeepSpeedHybridEngine(HybridEngine):
             engine.train(was_training)
 
 
-def make_hybrid_engine(kind: str, engine) -> HybridEngine:
-    """`portable` or `deepspeed` (ppo.hybrid_engine)."""
+def make_hybrid_engine(kind: str, engine, generation: str = "auto") -> HybridEngine:
+    """`portable` (generating as `generation` says: ppo.generation) or `deepspeed` (ppo.hybrid_engine)."""
     if kind == "portable":
-        return PortableHybridEngine(engine)
+        return PortableHybridEngine(engine, generation=generation)
     if kind == "deepspeed":
         return DeepSpeedHybridEngine(engine)
     raise ConfigError(f"ppo.hybrid_engine: unknown {kind!r} (portable or deepspeed)")

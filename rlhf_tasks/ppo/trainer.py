@@ -224,6 +224,7 @@ class PPOTrainer:
             "value/mean": pm.masked_mean(old_values, rmask).item(),
             "value/explained_variance": pm.explained_variance(old_values, returns, rmask),
             "time/generation_s": t_gen,
+            "time/gen_compile_s": getattr(eng.hybrid, "last_compile_s", 0.0),
             "time/experience_s": t_exp,
             "count/gen_tokens": n_tokens,
         }
@@ -323,7 +324,9 @@ class PPOTrainer:
         self.global_step += 1
         stats = {**exp.stats, **train_stats}
         stats["time/step_s"] = time.perf_counter() - t0
-        stats["gen/tokens_per_s"] = stats.pop("count/gen_tokens") / max(stats["time/generation_s"], 1e-9)
+        # compile/warm-up time (first steps of a stage only) is reported apart, not counted against throughput
+        gen_s = stats["time/generation_s"] - stats["time/gen_compile_s"]
+        stats["gen/tokens_per_s"] = stats.pop("count/gen_tokens") / max(gen_s, 1e-9)
         stats["samples_per_s"] = len(exp) / stats["time/step_s"]
         return reduce_stats(stats)
 
