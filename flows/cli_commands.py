@@ -4,9 +4,12 @@ Both return a RunResult (summary entries, the error that stopped the run, the sa
 the result. Nothing here imports the CLI."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Callable
 
 from rlhf_tasks.config import PipelineConfig
@@ -15,7 +18,7 @@ from rlhf_tasks.stages import StagePlan
 from rlhf_tasks.store import ArtifactStore
 
 from . import observe
-from .stage_loop import RunResult, finish_run, launch_with_retries, read_run_record, run_stages, spec_for
+from .stage_loop import RunResult, finish_run, launch_with_retries, read_run_record, run_dir, run_stages, spec_for
 
 
 def run_without_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[StagePlan], name: str,
@@ -40,20 +43,41 @@ def run_without_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[S
                       orchestrator="none")
 
 
+@contextlib.contextmanager
+def _prefect_records_to(path: Path):
+    """Append every record of Prefect's loggers (flow and task runs, with tracebacks) to `path` meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("prefect")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def run_with_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[StagePlan], name: str,
                      echo: Callable[[str], None]) -> RunResult:
     """Run the flow on `plans` (it does not plan again). The flow saves the run record in the store whether it
     completes or fails; a failed run's record is read back from there by the flow run's id."""
-    # Keep the terminal for our table and progress lines; everything still goes to the Prefect run logs.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    if not os.environ.get("PREFECT_API_URL"):
-        echo("prefect: temporary local API for this run (set PREFECT_API_URL to use a server)")
+    # The terminal gets our progress lines, the table and one error line; Prefect's own records (tracebacks
+    # included) go to the Prefect API (the UI) and to the run log file.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # Prefect's 20 s default for the temporary server to come up is too short on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    log_path = run_dir(cfg, name) / "run.log"
+    where = "temporary local API for this run (set PREFECT_API_URL to use a server)" \
+        if not os.environ.get("PREFECT_API_URL") else f"API {os.environ['PREFECT_API_URL']}"
+    echo(f"prefect: {where}; run log {log_path}")
     from .pipeline import rlhf_pipeline
 
     observe.set_console(echo)
     try:
-        state = rlhf_pipeline.with_options(flow_run_name=name)(config=cfg, until=plans[-1].stage,
-                                                                 stage_plans=plans, return_state=True)
+        with _prefect_records_to(log_path):
+            state = rlhf_pipeline.with_options(flow_run_name=name)(config=cfg, until=plans[-1].stage,
+                                                                     stage_plans=plans, return_state=True)
     finally:
         observe.set_console(None)
     if state.is_completed():

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run as current_flow_run
 from rlhf_tasks import preflight
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
 from rlhf_tasks.errors import ConfigError, StageFailed
-from rlhf_tasks.stages import STAGES, StagePlan, StageSpec, plan
+from rlhf_tasks.stages import STAGES, StagePlan, StageSpec
 from rlhf_tasks.store import ArtifactStore
 
 from . import observe, runner, stage_loop, storage
@@ -153,20 +153,18 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     """
     logger = get_run_logger()
     cfg = _config_param(config, overrides)
-    store = ArtifactStore.from_config(cfg.store)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = current_flow_run.name or stage_loop.run_name(cfg)
     if stage_plans:
-        plans = stage_plans
+        store, plans = ArtifactStore.from_config(cfg.store), stage_plans
         if plans[-1].stage != until:
             raise ConfigError(f"until: {until!r} but the given plan ends at {plans[-1].stage!r}")
     else:
         with contextlib.redirect_stdout(io.StringIO()) as out:  # the checks' notes go to the run log only
-            preflight.check_inputs(cfg)
+            store, plans = preflight.checked_plan(cfg, until)
         for line in out.getvalue().splitlines():
             logger.info(line)
-        plans = plan(cfg, store, until)
     for p in plans:
         logger.info(f"plan {p.stage}: {'cached' if p.cached else 'will run'} - {p.reason} ({p.key})")
     result_storage = storage.result_storage_for(store)

@@ -107,8 +107,13 @@ def finish_run(result: RunResult, store: ArtifactStore, *, run_id: str, name: st
     return result
 
 
+def run_dir(cfg: PipelineConfig, name: str) -> Path:
+    """The run's local scratch folder: the run log, and one folder per stage job."""
+    return Path(cfg.execution.runs_dir).expanduser().resolve() / name
+
+
 def stage_run_dir(cfg: PipelineConfig, name: str, stage: str) -> Path:
-    return Path(cfg.execution.runs_dir).expanduser().resolve() / name / stage
+    return run_dir(cfg, name) / stage
 
 
 def spec_for(cfg: PipelineConfig, store: ArtifactStore, p: StagePlan, name: str) -> StageSpec:
@@ -155,7 +160,8 @@ def is_retryable(error: BaseException) -> bool:
 
 def retry_message(stage: str, attempt: int, error: BaseException, delay_s: float) -> str:
     """The line that announces a retry on the console and in the stage log."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(getattr(error, "detail", None) or error).strip()  # StageFailed.detail: without "stage 'x' failed"
+    first = text.splitlines()[0] if text else type(error).__name__
     return f"{stage}: attempt {attempt} failed ({first}); retrying in {delay_s:g} s"
 
 

@@ -119,16 +119,14 @@ def key_metrics(metrics: dict, limit: int = 4) -> str:
 
 
 def checked_plan(args):
-    """(config, store, plan) for run and plan: load the config once, check every input (preflight), compute the
-    stage keys once. Bad input raises a UserError here, before the store is written or anything starts."""
-    from . import preflight
-    from .stages import plan
-    from .store import ArtifactStore
+    """(config, store, plan) for run and plan: the config loaded once, every input checked (rlhf_tasks.preflight),
+    the stage keys computed once. Bad input raises a UserError here, before the store is written or anything
+    starts."""
+    from .preflight import checked_plan as check_and_plan
 
     cfg = load_selected_config(args)
-    preflight.check_inputs(cfg)
-    store = ArtifactStore.from_config(cfg.store)
-    return cfg, store, plan(cfg, store, args.until)
+    store, plans = check_and_plan(cfg, args.until)
+    return cfg, store, plans
 
 
 def cmd_plan(args) -> int:
@@ -266,8 +264,16 @@ def print_table(header, rows) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip(), flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is bad input like any other: one line (`error: rlhf run: ...`), exit 2. --help is unchanged.
+    Subcommand parsers are of the same class (argparse's default parser_class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rlhf", description="DeepSpeed-Chat's RLHF recipe as cached Prefect flows.")
+    ap = _Parser(prog="rlhf", description="DeepSpeed-Chat's RLHF recipe as cached Prefect flows.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
@@ -337,20 +343,24 @@ def dispatch(args) -> int:
     return COMMANDS[args.cmd](args)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed): return it like any other outcome
+        return int(e.code or 0)
     try:
         return dispatch(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, StoreError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,11 @@ class DataError(UserError):
     """A dataset row or source is invalid; the message names `source:row:field`."""
 
 
+class JobInputError(UserError):
+    """A stage job found bad input and exited 2: the message is the job's one `error:` line. Never retried (the
+    same input fails the same way)."""
+
+
 class StoreError(Exception):
     """The artifact store refused an operation (bad name, missing or corrupt artifact)."""
 

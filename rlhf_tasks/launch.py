@@ -242,9 +242,10 @@ def run_job(cmd: list[str], env: dict[str, str], *, log: Callable[[str], None] =
 def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
     """Run one stage job for `spec` under `execution` and return `spec.output_uri` once its artifact exists.
 
-    Writes `<run_dir>/spec.json` and `<run_dir>/<stage>.log`. Raises StageFailed (exit code, log tail) when the
-    job fails, times out, or ends without committing its artifact."""
-    from .errors import StageFailed
+    Writes `<run_dir>/spec.json` and `<run_dir>/<stage>.log`. Raises JobInputError (the job's one line) when the
+    job exits 2 (bad input), StageFailed (exit code, log tail) when it fails otherwise, times out, or ends without
+    committing its artifact."""
+    from .errors import JobInputError, StageFailed, UserError
     from .stages import STAGE_DEFS
 
     run_dir = Path(spec.run_dir or Path.cwd() / "rlhf-runs" / f"{spec.stage}-{spec.key}").resolve()
@@ -267,6 +268,9 @@ def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
     if res.timed_out:
         raise StageFailed(spec.stage, f"timed out after {execution.timeout_s:g} s (log: {log_path})", None,
                           res.tail_text)
+    if res.returncode == UserError.exit_code:  # bad input found inside the job (stage_main prints one line)
+        said = next((l for l in reversed(res.tail) if l.startswith("error: ")), "error: bad input (no message)")
+        raise JobInputError(f"{spec.stage}: {said.removeprefix('error: ').strip()} (log: {log_path})")
     if res.returncode != 0:
         last = next((l for l in reversed(res.tail) if l.strip()), "")
         raise StageFailed(spec.stage, f"exit code {res.returncode} (log: {log_path}): {last.strip()}",

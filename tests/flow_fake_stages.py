@@ -5,7 +5,8 @@ fraction of a second, prints progress lines like the training core, and can be t
 - FAKE_EVENTS=<file>: append `<stage> <start step> <flow run id>` per launch (which stages ran, where they
   resumed, in which Prefect flow run);
 - FAKE_CRASH_STAGE=<stage>: commit a checkpoint at step 2, then SIGKILL itself (once: a resumed run finishes);
-- FAKE_FAIL_STAGE=<stage>: exit with code 3.
+- FAKE_FAIL_STAGE=<stage>: exit with code 3;
+- FAKE_BAD_INPUT_STAGE=<stage>: raise a DataError (bad input found inside the job: stage_main exits 2).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from rlhf_tasks.errors import DataError
 from rlhf_tasks.stages import StageSpec, commit_stage_output
 
 TOTAL_STEPS = 4
@@ -38,6 +40,8 @@ def run(spec: StageSpec) -> None:
     if os.environ.get("FAKE_FAIL_STAGE") == spec.stage:
         print("fake failure: something broke", flush=True)
         sys.exit(3)
+    if os.environ.get("FAKE_BAD_INPUT_STAGE") == spec.stage:
+        raise DataError(f"fake.jsonl:3:prompt: bad row found inside the {spec.stage} job")
     for step in range(start + 1, TOTAL_STEPS + 1):
         print(f"step {step}/{TOTAL_STEPS} loss={1.0 / step:.3f} kl=0.01", flush=True)
         if step == 2 and os.environ.get("FAKE_CRASH_STAGE") == spec.stage and start == 0:

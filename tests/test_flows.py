@@ -235,14 +235,65 @@ def test_flipped_byte_is_recomputed_never_consumed(fakes, tmp_path, prefect_api,
     assert ppo["consumed"]["sft"] == good.decode()
 
 
-def test_killed_stage_is_retried_and_resumes(fakes, tmp_path, prefect_api, monkeypatch):
+@pytest.mark.parametrize("mode", ["prefect", "no-prefect"])
+def test_killed_stage_is_retried_announced_and_resumes(fakes, tmp_path, prefect_api, monkeypatch, capsys, mode):
     store = tmp_path / "store"
     monkeypatch.setenv("FAKE_CRASH_STAGE", "sft")
-    summary = run_cli(store, tmp_path, "--until", "sft", "--set", "execution.retries=1")
+    extra = ["--no-prefect"] if mode == "no-prefect" else []
+    summary = run_cli(store, tmp_path, "--until", "sft", "--set", "execution.retries=1", *extra)
     assert statuses(summary) == {"data": "ran", "sft": "ran"}
     events = [ln.split()[:2] for ln in (tmp_path / "events.txt").read_text().splitlines()]
     assert events == [["data", "0"], ["sft", "0"], ["sft", "2"]]  # killed at step 2, retried, resumed from step 2
     assert summary["stages"]["sft"]["metrics"]["resumed_from_step"] == 2
+    # The retry is announced on the console and in the stage log, between the two attempts' lines.
+    announced = [ln for ln in capsys.readouterr().out.splitlines() if "attempt" in ln]
+    assert len(announced) == 1 and announced[0].startswith("sft: attempt 1 failed (exit code ")
+    assert announced[0].endswith("; retrying in 0 s")
+    log = (tmp_path / "runs" / summary["flow_run_name"] / "sft" / "sft.log").read_text().splitlines()
+    at = log.index(f"[retry] {announced[0]}")
+    assert "crashing" in log[at - 1] and any(ln.startswith("step 3/4") for ln in log[at:])
+
+
+@pytest.mark.parametrize("mode", ["prefect", "no-prefect"])
+def test_bad_input_found_inside_a_job_is_not_retried_and_exits_2(fakes, tmp_path, prefect_api, monkeypatch, capsys,
+                                                                mode):
+    store = tmp_path / "store"
+    monkeypatch.setenv("FAKE_BAD_INPUT_STAGE", "sft")
+    extra = ["--no-prefect"] if mode == "no-prefect" else []
+    summary = run_cli(store, tmp_path, "--until", "sft", "--set", "execution.retries=2", *extra, expect=2)
+    assert statuses(summary) == {"data": "ran", "sft": "failed"}
+    assert fakes() == ["data", "sft"]  # one sft attempt: the same input would fail the same way
+    out, err = capsys.readouterr()
+    assert "attempt" not in out
+    assert err.strip().splitlines() == [
+        f"error: sft: fake.jsonl:3:prompt: bad row found inside the sft job "
+        f"(log: {tmp_path / 'runs' / summary['flow_run_name'] / 'sft' / 'sft.log'})"]
+
+
+def test_real_cli_prints_one_line_and_keeps_tracebacks_in_the_run_log(fakes, tmp_path, site_dir):
+    """The `rlhf` process with the fake stages (here too, through sitecustomize) on its own temporary Prefect API:
+    bad input inside a job gives exactly one stderr line and no traceback on the console; the run log has it."""
+    env = {**os.environ, "FAKE_BAD_INPUT_STAGE": "sft"}
+    r = subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", "run", *_args(tmp_path / "store", tmp_path),
+                        "--until", "sft"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "bad row found inside the sft job" in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and "attempt" not in r.stdout
+    run_log = next((tmp_path / "runs").glob("*/run.log")).read_text()
+    assert f"run log {next((tmp_path / 'runs').glob('*/run.log'))}" in r.stdout
+    assert "Traceback" in run_log and "JobInputError" in run_log
+
+
+def test_default_retry_policy_rides_out_a_minute_of_outage():
+    from flows.stage_loop import is_retryable, retry_delays
+    from rlhf_tasks.config import ExecutionConfig
+    from rlhf_tasks.errors import DataError, JobInputError, StageFailed
+
+    delays = retry_delays(ExecutionConfig())
+    assert delays == [10.0, 20.0, 40.0] and sum(delays) > 60  # the last attempt starts after the outage
+    assert is_retryable(StageFailed("sft", "exit code 137")) and is_retryable(OSError("connection reset"))
+    assert not is_retryable(JobInputError("sft: x.jsonl:3:prompt: bad")) and not is_retryable(DataError("x"))
+    assert not is_retryable(KeyboardInterrupt())
 
 
 def test_failed_stage_exits_1_with_stage_and_log(fakes, tmp_path, prefect_api, monkeypatch, capsys):

@@ -17,6 +17,9 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 MIN_TIMEOUT_S = 60.0
 
 
+TINY_ARCHS = ("llama", "opt")  # the `tiny:<arch>` model references (rlhf_tasks.models builds them)
+
+
 class TinyModelConfig(Section):
     """Shape of the tiny models built locally for `tiny:<arch>` model references (tests, demo)."""
 
@@ -75,8 +78,10 @@ class ExecutionConfig(Section):
         description=f"Per-stage wall-clock limit; the job's process group is killed (at least {MIN_TIMEOUT_S:.0f} s: "
         "a job spends its first seconds importing torch and DeepSpeed).",
     )
-    retries: int = Field(1, ge=0, description="Prefect retries per stage (a retried stage resumes from a checkpoint).")
-    retry_delay_s: float = Field(5.0, ge=0, description="Delay before the first retry (doubles each time).")
+    retries: int = Field(3, ge=0, description="Retries of a failed stage job (it resumes from its last checkpoint); "
+                         "bad input found inside a job is never retried.")
+    retry_delay_s: float = Field(10.0, ge=0, description="Delay before the first retry, doubling each time (default "
+                                 "10, 20, 40 s: rides out a minute of store outage).")
     work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Accelerator for stage jobs.")
     train_deployment: str | None = Field(
@@ -179,12 +184,33 @@ def preset_path(name: str) -> Path:
     return p
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+            first_line.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (--config takes a YAML file or a preset name)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    except yaml.MarkedYAMLError as e:
+        line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):

@@ -181,6 +181,8 @@ def _text(row: dict, col: str, strip_citations: bool = False) -> str:
         raise RowProblem(col, "missing", "missing value")
     if not isinstance(v, str):
         raise RowProblem(col, "not_string", f"expected a string, got {type(v).__name__} {str(v)[:40]!r}")
+    if "\x00" in v:  # a NUL is never text: a binary or corrupt source (tokenizers and C readers choke on it)
+        raise RowProblem(col, "nul_char", "contains a NUL character (\\x00)")
     if strip_citations:
         v = _CITATION.sub("", v)
     v = v.strip()

@@ -189,7 +189,7 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failed read is reported as one DataError line
     return datasets
 
 
@@ -237,10 +237,19 @@ def _read_json_plain(path: Path, label: str) -> list[dict]:
     return rows
 
 
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace (b"" for a blank file)."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1]
+
+
 def read_file(path: Path, label: str, max_rows: int | None = None) -> tuple[list[RawRow], list[str]]:
     """Rows of one local data file (via `datasets`), with 1-based row numbers, and its columns."""
     datasets = _quiet_datasets()
     builder = BUILDERS[path.suffix.lower()]
+    if path.suffix.lower() == ".jsonl" and _first_byte(path) == b"[":
+        raise DataError(f"{label}:1:json: a .jsonl file holds one JSON object per line, this one a JSON array "
+                        "(name it .json to read it as a list of rows)")
     try:
         with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=tmp)

@@ -1,7 +1,8 @@
 """Row validation: every row is checked before anything is written; bad rows fail or are skipped and counted.
 
 Checks (the reason key used in the skip counts in brackets):
-  a mapped field is absent or null [missing], not a string [not_string], blank [empty];
+  a mapped field is absent or null [missing], not a string [not_string], blank [empty], holds a NUL character
+  [nul_char];
   chosen == rejected [same_response]; a score that is not a number [bad_score]; a label that names neither
   response [bad_label]; a `gold` column naming no registered scorer [unknown_gold];
   the same (prompt, chosen, rejected) as an earlier row of any source [duplicate];
