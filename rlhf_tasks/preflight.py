@@ -8,7 +8,7 @@ The checks, in order (cheapest first; each names what to fix):
              a remote store answers and its bucket exists;
   models     models.actor / .reward / .tokenizer: `tiny:<arch>` with a known arch, `smollm2-135m` installed, a
              local folder with a config.json (a tokenizer: tokenizer files), a store URI of a complete artifact,
-             or a syntactically valid hub name;
+             or a hub name whose commit can be resolved (rlhf_tasks.hub, the commit the stage keys record);
   data       every source exists, is readable and parses; every row has the mapped fields with the right types
              (no NUL characters); no phase is empty (data/stage.validate_sources);
   lengths    when the data stage will run: every prompt fits `data.max_prompt_len` tokens with the tokenizer the
@@ -55,14 +55,8 @@ def check_store_url(url: str, where: str = "store.url") -> None:
         raise ConfigError(f"{where}: {url}: {existing} is not writable")
 
 
-def is_remote(url: str) -> bool:
-    import fsspec
-
-    return fsspec.core.split_protocol(url)[0] not in (None, "file", "local")
-
-
 def open_store(store_cfg: StoreConfig) -> ArtifactStore:
-    """The store of the config (a local store's folder is created here: call it once the inputs are checked)."""
+    """The store of the config: a known scheme, and a URL fsspec can open."""
     check_store_url(store_cfg.url)
     try:
         return ArtifactStore.from_config(store_cfg)
@@ -110,8 +104,8 @@ def model_refs(cfg: PipelineConfig) -> dict[str, str]:
     return refs
 
 
-def check_model_ref(where: str, ref: str) -> None:
-    """One model reference (see `ModelsConfig.actor` for the forms)."""
+def check_model_ref(where: str, ref: str, revision: str | None = None) -> None:
+    """One model reference (see `ModelsConfig.actor` for the forms); `revision` is models.revision."""
     if ref.startswith("tiny:"):
         arch = ref.split(":", 1)[1]
         if arch not in TINY_ARCHS:
@@ -142,12 +136,9 @@ def check_model_ref(where: str, ref: str) -> None:
         return
     if ref.startswith(LOCAL_PATH_PREFIXES):
         raise ConfigError(f"{where}: {ref}: no such folder")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import resolve_hub_revision
 
-    try:
-        validate_repo_id(ref)
-    except HFValidationError:
-        raise ConfigError(f"{where}: {ref!r} is neither a local folder nor a valid hub name (org/name)") from None
+    resolve_hub_revision(ref, revision, "model", where)  # a valid hub name whose commit can be known (the key's)
 
 
 def _check_artifact_ref(where: str, ref: str) -> None:
@@ -188,12 +179,11 @@ def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[S
     with contextlib.redirect_stdout(io.StringIO()) as notes:
         check_store_url(cfg.store.url)
         for where, ref in model_refs(cfg).items():
-            check_model_ref(where, ref)
-        remote = open_store(cfg.store) if is_remote(cfg.store.url) else None
-        if remote is not None:  # before the data: a store that does not answer fails in seconds
-            check_reachable(remote)
+            check_model_ref(where, ref, cfg.models.revision)
+        store = open_store(cfg.store)  # opening creates nothing; the first commit creates a local store's folder
+        if not store.is_local:  # before the data: a store that does not answer fails in seconds
+            check_reachable(store)
         check_data(cfg)
-        store = remote or open_store(cfg.store)
         plans = plan(cfg, store, until)
     if not plans[0].cached:  # the data stage will run: its token-length check must not fail inside the job
         with contextlib.redirect_stdout(io.StringIO()) as notes:
