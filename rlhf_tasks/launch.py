@@ -51,6 +51,15 @@ def _gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
 
 
+def job_accelerator(execution, env: dict | None = None) -> str:
+    """The accelerator a stage job gets under `execution`: "cpu", or DS_ACCELERATOR's value ("cuda", ...).
+    `device: auto` takes DS_ACCELERATOR when it is set, else a GPU when one is present."""
+    env = os.environ if env is None else env
+    if execution.device != "auto":
+        return execution.device
+    return env.get("DS_ACCELERATOR") or ("cuda" if _gpu_present() else "cpu")
+
+
 def job_env(execution, *, num_procs: int, master_port: int, base: dict | None = None) -> dict[str, str]:
     """The environment of a job: the caller's minus rendezvous variables, plus accelerator, threading and
     streaming settings. A lone process gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT itself."""
@@ -58,8 +67,7 @@ def job_env(execution, *, num_procs: int, master_port: int, base: dict | None = 
     for k in list(env):
         if k in RENDEZVOUS_VARS or k.startswith(RENDEZVOUS_PREFIXES):
             del env[k]
-    if execution.device == "cpu" or (execution.device == "auto" and "DS_ACCELERATOR" not in env
-                                     and not _gpu_present()):
+    if job_accelerator(execution, env) == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     elif execution.device == "cuda":
         env["DS_ACCELERATOR"] = "cuda"

@@ -9,11 +9,13 @@ The checks, in order (cheapest first; each names what to fix):
   models     models.actor / .reward / .tokenizer: `tiny:<arch>` with a known arch, `smollm2-135m` installed, a
              local folder with a config.json (a tokenizer: tokenizer files), a store URI of a complete artifact,
              or a hub name whose commit can be resolved (rlhf_tasks.hub, the commit the stage keys record);
+  device     what needs an accelerator gets one (config.rules.device_rules with the device the jobs will get);
   data       every source exists, is readable and parses; every row has the mapped fields with the right types
-             (no NUL characters); no phase is empty (data/stage.validate_sources);
+             (no NUL characters); no phase is empty (data/stage.validate_sources); one step of each training
+             stage fits in its phase (config.rules.data_fit_rules with the real row counts);
   lengths    when the data stage will run: every prompt fits `data.max_prompt_len` tokens with the tokenizer the
              data stage uses (the same check the data job makes, so it never fails there).
-Cross-field config rules are enforced when the config is loaded (rlhf_tasks/config), before any of this.
+The cross-field rules that need only the config run when it is loaded (rlhf_tasks/config/rules.py), before this.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import io
 import os
 from pathlib import Path
 
-from .config import PipelineConfig, StoreConfig
+from .config import PipelineConfig, StoreConfig, rules
 from .config.pipeline import TINY_ARCHS
 from .errors import ConfigError, StoreError
 from .stages import StagePlan
@@ -154,19 +156,38 @@ def _check_artifact_ref(where: str, ref: str) -> None:
         raise ConfigError(f"{where}: {ref}: no complete artifact there (see `rlhf store ls`)")
 
 
+# ---- device ---------------------------------------------------------------------------------------------
+def check_device(cfg: PipelineConfig) -> None:
+    """What needs an accelerator (fp16 training, DeepSpeed's Hybrid Engine) gets one: the device the stage jobs
+    will get is known only here, not at config load."""
+    from .launch import job_accelerator
+
+    rules.raise_first(rules.device_rules(cfg, "cpu" if job_accelerator(cfg.execution) == "cpu" else "cuda"))
+
+
 # ---- data -----------------------------------------------------------------------------------------------
-def check_data(cfg: PipelineConfig) -> None:
-    """Every local source read, mapped and validated row by row; no empty phase (no tokenizer: cheap)."""
+def check_data(cfg: PipelineConfig, tokenizer=None) -> None:
+    """Every local source read, mapped and validated row by row; no empty phase; one training step of each stage
+    fits in its phase's rows. With the data stage's tokenizer, prompt lengths in tokens too."""
     from .data.stage import validate_sources
 
-    validate_sources(cfg)
+    counts = validate_sources(cfg, tokenizer=tokenizer)["counts"]
+    if counts is not None:  # None when a hub dataset is among the sources (its rows are read by the job)
+        rules.raise_first(rules.data_fit_rules(cfg, {ph: n["train"] for ph, n in counts.items()}, "the data"))
 
 
 def check_token_lengths(cfg: PipelineConfig) -> None:
     """The rows again, tokenized as the data stage will: a prompt over `data.max_prompt_len` fails here."""
-    from .data.stage import load_data_tokenizer, validate_sources
+    from transformers.utils import logging as hf_logging
 
-    validate_sources(cfg, tokenizer=load_data_tokenizer(cfg))
+    from .data.stage import load_data_tokenizer
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence length is longer than the maximum": the check below says it
+    try:
+        check_data(cfg, tokenizer=load_data_tokenizer(cfg))
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ---- all of it ------------------------------------------------------------------------------------------
@@ -180,6 +201,7 @@ def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[S
         check_store_url(cfg.store.url)
         for where, ref in model_refs(cfg).items():
             check_model_ref(where, ref, cfg.models.revision)
+        check_device(cfg)
         store = open_store(cfg.store)  # opening creates nothing; the first commit creates a local store's folder
         if not store.is_local:  # before the data: a store that does not answer fails in seconds
             check_reachable(store)
