@@ -18,6 +18,7 @@ DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the u
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -85,14 +86,20 @@ def resolve(dotted: str):
 
 def missing_internals(patch: str | None = None) -> list[str]:
     """The dotted names of `RELIES_ON` (of one patch, or all) that do not resolve in the installed versions."""
-    names = RELIES_ON[patch] if patch else [n for v in RELIES_ON.values() for n in v]
+    patches = [patch] if patch else list(RELIES_ON)
+    return [name for p in patches for name in _missing_names(p)]
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_names(patch: str) -> tuple[str, ...]:
+    # cached: the installed versions do not change within a process, and some patches apply on every forward
     out = []
-    for name in names:
+    for name in RELIES_ON[patch]:
         try:
             resolve(name)
         except (ImportError, AttributeError):
             out.append(name)
-    return out
+    return tuple(out)
 
 
 def missing_attributes(obj, patch: str) -> list[str]:
@@ -238,7 +245,11 @@ def scope_zero3_linear(engine, trainable: bool) -> None:
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as _Patcher
 
     if F.linear is not zero3_linear_wrap:  # not a ZeRO-3 engine, or an earlier one restored torch's linear
+        if engine.zero_optimization_stage() == 3 and F.linear is not getattr(_Patcher, "linear_bk", F.linear):
+            _warn_once("zero3_linear_scope", f"F.linear is {F.linear!r}, neither torch's nor DeepSpeed's ZeRO-3 "
+                                             "linear; leaving it as it is")
         return
+    # DeepSpeed keeps torch's linear as `linear_bk` when it swaps its own in
     if not _usable("zero3_linear_scope", missing_attributes(_Patcher, "zero3_linear_scope")):
         return
     original = _Patcher.linear_bk
