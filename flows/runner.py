@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from rlhf_tasks.config import ExecutionConfig
-from rlhf_tasks.errors import StageFailed
+from rlhf_tasks.errors import JobInputError, StageFailed
 from rlhf_tasks.stages import StageSpec
 
 TRAINING_STAGES = ("sft", "reward", "ppo")
@@ -24,6 +24,19 @@ def train_deployment_name(execution: ExecutionConfig) -> str:
     return execution.train_deployment or f"train-stage/{execution.work_pool}"
 
 
+BAD_INPUT_PREFIX = "bad input: "  # how the train-stage flow says its job exited 2 (flows/train_stage.py)
+
+
+def pool_failure(stage: str, run_label: str, state) -> Exception:
+    """The error for a train-stage flow run that did not complete: its job's bad input (never retried) when the
+    flow says so in its final state's message, else a StageFailed (retried)."""
+    message = (state.message or "") if state is not None else ""
+    if state is not None and state.is_failed() and message.startswith(BAD_INPUT_PREFIX):
+        return JobInputError(message.removeprefix(BAD_INPUT_PREFIX))
+    return StageFailed(stage, f"train-stage flow run {run_label} ended "
+                              f"{state.name if state else 'without a state'}; see its logs in Prefect")
+
+
 def launch_on_pool(spec: StageSpec, execution: ExecutionConfig, log: Callable[[str], None]) -> str:
     """Submit the stage as its own flow run of the train-stage deployment and wait for it. The URI comes back
     through the store: the job committed the artifact there, we only check that it exists."""
@@ -39,8 +52,7 @@ def launch_on_pool(spec: StageSpec, execution: ExecutionConfig, log: Callable[[s
     state = run.state
     log(f"train-stage flow run {run.name} ({run.id}) ended {state.name if state else 'unknown'}")
     if state is None or not state.is_completed():
-        raise StageFailed(spec.stage, f"train-stage flow run {run.name} ({run.id}) ended "
-                                      f"{state.name if state else 'without a state'}; see its logs in Prefect")
+        raise pool_failure(spec.stage, f"{run.name} ({run.id})", state)
     store = spec.open_store()
     kind, key = store.parse_uri(spec.output_uri)
     if not store.exists(kind, key):

@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from rlhf_tasks.config import ExecutionConfig
+from rlhf_tasks.errors import JobInputError
 from rlhf_tasks.stages import StageSpec
 
 from . import observe
@@ -18,8 +20,9 @@ from . import observe
 
 @flow(name="train-stage", log_prints=False)
 def train_stage(spec: dict, execution: dict | None = None) -> str:
-    """Run one stage job here and return its artifact URI (the store holds the artifact)."""
-    from .runner import launch_local
+    """Run one stage job here and return its artifact URI (the store holds the artifact). A job that finds bad
+    input (exit 2) ends the flow run Failed with a message starting "bad input: " (runner.pool_failure)."""
+    from .runner import BAD_INPUT_PREFIX, launch_local
 
     logger = get_run_logger()
     s = StageSpec(**spec)
@@ -32,5 +35,8 @@ def train_stage(spec: dict, execution: dict | None = None) -> str:
     root = Path(os.environ.get("RLHF_RUNS_DIR") or Path(tempfile.gettempdir()) / "rlhf-runs")
     s.run_dir = str(root / f"{s.stage}-{s.key}")
     logger.info(f"{s.stage}: launching job (key {s.key}, {ex.num_nodes}x{ex.num_procs} processes)")
-    uri = launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger))
-    return uri
+    try:
+        return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger))
+    except JobInputError as e:  # the submitting pipeline reads this message: bad input is not retried
+        logger.error(str(e))
+        return Failed(message=f"{BAD_INPUT_PREFIX}{e}")

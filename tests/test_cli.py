@@ -195,3 +195,34 @@ def test_store_commands_refuse_bad_names_and_missing_stores(tmp_path, capsys):
     assert not store.exists()
     _one_error_line(capsys, ["store", "get", f"{store}/sft/../../etc"], "'..' is not allowed")
     _one_error_line(capsys, ["store", "verify", f"{store}/sft/.."], "'..' is not allowed")
+
+
+def test_model_and_store_errors_come_before_any_heavy_import(tmp_path):
+    """The nonexistent-model and unknown-scheme cases (which used to launch a job, or print a traceback) fail
+    before torch, Prefect, datasets or transformers is even imported, and leave no store behind."""
+    code = ("import sys; from rlhf_tasks.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'prefect', 'datasets', 'transformers') if m in sys.modules]; "
+            "sys.exit(0 if rc == 2 and not heavy else f'rc={rc}, imported {heavy}')")
+    store = tmp_path / "store"
+    for argv, needle in [(["run", "--set", "models.actor=/nonexistent/model", "--store", str(store)],
+                          "error: models.actor: /nonexistent/model: no such folder"),
+                         (["run", "--store", "nosuchscheme://x/y"], "error: store.url: unknown scheme 'nosuchscheme'"),
+                         (["plan", "--store", "nosuchscheme://x/y"], "error: store.url: unknown scheme 'nosuchscheme'")]:
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+        assert r.returncode == 0, (argv, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(needle), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_s3_store_is_checked_before_the_data(moto_server, s3_bucket, monkeypatch, capsys):
+    from rlhf_tasks.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    missing = "s3://no-such-bucket-for-rlhf/p"
+    _one_error_line(capsys, ["plan", "--store", missing], "store.url: s3://no-such-bucket-for-rlhf/p: bucket "
+                                                          "'no-such-bucket-for-rlhf' does not exist")
+    capsys.readouterr()
+    assert main(["plan", "--store", f"{s3_bucket}/p", "--until", "data"]) == 0
+    assert "will-run" in capsys.readouterr().out

@@ -285,6 +285,33 @@ def test_real_cli_prints_one_line_and_keeps_tracebacks_in_the_run_log(fakes, tmp
     assert "Traceback" in run_log and "JobInputError" in run_log
 
 
+def test_train_stage_flow_reports_bad_input_so_the_pipeline_does_not_retry(fakes, tmp_path, prefect_api,
+                                                                           monkeypatch):
+    """On a work pool a stage runs as a train-stage flow run: its job's exit 2 comes back as the flow run's final
+    message, which the pipeline turns into the same never-retried bad-input error as a local job."""
+    from flows.runner import pool_failure
+    from flows.stage_loop import is_retryable, spec_for
+    from flows.train_stage import train_stage
+    from rlhf_tasks.errors import JobInputError, StageFailed
+    from rlhf_tasks.store import ArtifactStore
+
+    monkeypatch.setenv("FAKE_BAD_INPUT_STAGE", "sft")
+    monkeypatch.setenv("RLHF_RUNS_DIR", str(tmp_path / "worker"))
+    cfg = load_config(None, [f"store.url={tmp_path / 'store'}"])
+    store = ArtifactStore.from_config(cfg.store)
+    sft = stages.plan(cfg, store, "sft")[1]
+    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, "t")), return_state=True)
+    assert state.is_failed() and fakes() == ["sft"]
+    error = pool_failure("sft", "r (id)", state)
+    assert isinstance(error, JobInputError) and not is_retryable(error)
+    assert str(error).startswith("sft: fake.jsonl:3:prompt: bad row found inside the sft job (log: ")
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "sft")
+    monkeypatch.delenv("FAKE_BAD_INPUT_STAGE")
+    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, "t")), return_state=True)
+    error = pool_failure("sft", "r (id)", state)
+    assert state.is_failed() and isinstance(error, StageFailed) and is_retryable(error)
+
+
 def test_default_retry_policy_rides_out_a_minute_of_outage():
     from flows.stage_loop import is_retryable, retry_delays
     from rlhf_tasks.config import ExecutionConfig
