@@ -158,6 +158,9 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     name = current_flow_run.name or stage_loop.run_name(cfg)
     if stage_plans:
         store, plans = ArtifactStore.from_config(cfg.store), stage_plans
+        if overrides:
+            raise ConfigError("overrides: the given stage_plans were computed for the config as passed; apply "
+                              "overrides before planning (rlhf run --set)")
         if plans[-1].stage != until:
             raise ConfigError(f"until: {until!r} but the given plan ends at {plans[-1].stage!r}")
     else:

@@ -178,6 +178,15 @@ def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_p
                                                                       "reward": "ran"}
     assert calls == {"plan": 2, "validate": 3}  # data is cached: no token-length pass
     assert fakes() == ["data", "sft", "reward"]
+    from rlhf_tasks.errors import ConfigError
+    from rlhf_tasks.store import ArtifactStore
+
+    plans = stages.plan(cfg, ArtifactStore.from_config(cfg.store), "sft")
+    with pytest.raises(ConfigError, match="overrides: the given stage_plans were computed"):
+        rlhf_pipeline(config=cfg, until="sft", overrides=["ppo.kl_coef=0.2"], stage_plans=plans)
+    with pytest.raises(ConfigError, match="until: 'reward' but the given plan ends at 'sft'"):
+        rlhf_pipeline(config=cfg, until="reward", stage_plans=plans)
+    assert fakes() == []
 
 
 def test_changing_a_ppo_setting_reruns_only_ppo_and_eval(fakes, tmp_path, prefect_api):
