@@ -93,13 +93,15 @@ def test_two_processes_train(stage, zero, lora, store, data_uri, tmp_path):
         assert s["eval_accuracy"] > 0.6
 
 
-def test_bad_input_in_job_is_a_one_line_stage_failure(store, data_uri, tmp_path):
-    """Too few rows for one optimizer step: the job exits 2 with one line naming the problem."""
-    from rlhf_tasks.errors import StageFailed
+def test_bad_input_in_job_is_a_one_line_input_error(store, data_uri, tmp_path):
+    """Too few rows for one optimizer step (only the job knows the phase's row count): the job exits 2 and the
+    launcher raises JobInputError (never retried) carrying the job's one line, without a traceback."""
+    from rlhf_tasks.errors import JobInputError
 
-    cfg = tiny_cfg(["reward.micro_batch_size=100000"])
+    cfg = tiny_cfg(["reward.micro_batch_size=4096"])  # within the load-time bound; more rows than the phase has
     spec = make_spec("reward", cfg, store, data_uri, tmp_path / "bad", uuid.uuid4().hex[:24])
-    with pytest.raises(StageFailed) as ei:
+    with pytest.raises(JobInputError) as ei:
         run_stage(spec, ExecutionConfig(device="cpu", timeout_s=120), log=lambda line: None)
-    assert ei.value.returncode == 2
-    assert "micro_batch_size" in str(ei.value) and "Traceback" not in ei.value.log_tail
+    msg = str(ei.value)
+    assert "one optimizer step needs 4096" in msg and "micro_batch_size" in msg
+    assert "\n" not in msg.strip() and "Traceback" not in msg
