@@ -193,7 +193,11 @@ class ArtifactStore:
             opts["use_listings_cache"] = False
             if self.endpoint_url:
                 opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
+        except (ValueError, ImportError) as e:  # an unknown scheme, or one whose package is not installed
+            raise StoreError(f"store {url}: {str(e).splitlines()[0]} (use a local folder or s3://bucket/prefix)") \
+                from None
         self.root = self.root.rstrip("/")
         self.is_local = self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol or ())
         self.cache_dir = Path(cache_dir or cache_root() / "store")
