@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-smollm2 demo test test-slow bench clean
+.PHONY: setup setup-smollm2 demo test test-slow bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_throughput.py
+
+# The whole pipeline on SmolLM2-135M and the constraints task against issue 12's targets (~45 min on 2 CPU cores).
+bench-quality: setup-smollm2
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) .cache rlhf-store

@@ -20,10 +20,10 @@ from rlhf_tasks.data import demo
 from rlhf_tasks.models import (cache_root, ensure_tiny_model, load_causal_lm, load_score_model, load_tokenizer,
                                sequence_scores)
 from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
-from rlhf_tasks.ppo import ppo_math as pm
-from rlhf_tasks.ppo.hybrid import left_pad
 from rlhf_tasks.training.batches import pad_batch
 from rlhf_tasks.training.distributed import init_distributed
+
+from _training_helpers import held_out_gold
 
 pytestmark = pytest.mark.slow
 BUILDER = 1
@@ -98,21 +98,10 @@ def demo_models():
 
 def mean_gold(engine, tok, held, samples: int = 2) -> float:
     """Mean gold over held-out prompts: (greedy + mean of `samples` sampled answers) / 2."""
-    torch.manual_seed(123)
-    ids, mask = left_pad([tok(fmt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in held],
-                         tok.pad_token_id)
-    out = []
-    for greedy, n in ((True, 1), (False, samples)):
-        g = []
-        for _ in range(n):
-            seq = engine.hybrid.generate(ids, mask, do_sample=not greedy, max_new_tokens=16, top_k=0,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            resp = seq[:, ids.shape[1]:]
-            rm, _ = pm.response_mask_after_eos(resp, tok.eos_token_id)
-            g += [demo.gold_score(r["prompt"], tok.decode(resp[i][rm[i].bool()].tolist(), skip_special_tokens=True))
-                  for i, r in enumerate(held)]
-        out.append(sum(g) / len(g))
-    return sum(out) / 2
+    greedy, sampled = held_out_gold(engine, tok, [tok(fmt(r["prompt"]), add_special_tokens=False)["input_ids"]
+                                                  for r in held], [r["prompt"] for r in held], demo.gold_score,
+                                    max_new_tokens=16, samples=samples)
+    return (greedy + sampled) / 2
 
 
 def run_ppo(models: Path, sign: float) -> tuple[float, float, float]:

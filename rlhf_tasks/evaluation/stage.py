@@ -100,6 +100,19 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def held_out_prompts(data_dir: Path, ecfg: EvalConfig):
+    """The evaluated prompts: `num_prompts` rows of the data artifact's ppo/eval split chosen by `seed`.
+    -> (rows, prompt token ids, raw prompts, formatted prompt texts, gold scorer names)."""
+    prompts = load_phase(data_dir, "ppo", "eval")
+    if len(prompts) == 0:
+        raise DataError(f"{data_dir}: ppo/eval split is empty: no held-out prompts to evaluate")
+    rows = prompts.select(select_rows(len(prompts), ecfg.num_prompts, ecfg.seed))
+    raw_prompts = list(rows["prompt"])
+    prompt_texts = list(rows["prompt_text"]) if "prompt_text" in rows.column_names else raw_prompts
+    gold_names = list(rows["gold"]) if "gold" in rows.column_names else [None] * len(rows)
+    return rows, [list(p) for p in rows["prompt_ids"]], raw_prompts, prompt_texts, gold_names
+
+
 def decodings(ecfg: EvalConfig) -> tuple[str, str]:
     """Both decodings, the config's own (`do_sample`) first: it is the primary one (unprefixed summary keys, the
     sample table, the verdict)."""
@@ -112,14 +125,7 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
     per prompt)."""
     device = device or pick_device()
     torch.manual_seed(ecfg.seed)
-    prompts = load_phase(inputs.data_dir, "ppo", "eval")
-    if len(prompts) == 0:
-        raise DataError(f"{inputs.data_dir}: ppo/eval split is empty: no held-out prompts to evaluate")
-    rows = prompts.select(select_rows(len(prompts), ecfg.num_prompts, ecfg.seed))
-    prompt_ids = [list(p) for p in rows["prompt_ids"]]
-    raw_prompts = list(rows["prompt"])
-    prompt_texts = list(rows["prompt_text"]) if "prompt_text" in rows.column_names else raw_prompts
-    gold_names = list(rows["gold"]) if "gold" in rows.column_names else [None] * len(rows)
+    rows, prompt_ids, raw_prompts, prompt_texts, gold_names = held_out_prompts(inputs.data_dir, ecfg)
 
     rm_tok = models.load_tokenizer(str(inputs.reward_dir), padding_side="right")
     rm = models.load_score_model(str(inputs.reward_dir), dropout=0.0).to(device)
@@ -141,7 +147,7 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
             texts = [tok.decode(r, skip_special_tokens=True).strip() for r in resp]
             eos = [bool(r) and r[-1] == tok.eos_token_id for r in resp]
             rm_scores = _rm_scores(rm, rm_tok, tok, prompt_ids, prompt_texts, resp, texts, ecfg.batch_size, device)
-            gold = _gold_scores(gold_names, raw_prompts, texts)
+            gold = gold_scores(gold_names, raw_prompts, texts)
             kl = kl_exact = None
             if reference is not None:
                 kl, kl_exact = generation.kl_to_reference(
@@ -184,7 +190,8 @@ def _rm_scores(rm, rm_tok, pol_tok, prompt_ids, prompt_texts, resp, texts, batch
 _GOLD_CACHE: dict[str, Callable[[str, str], float]] = {}
 
 
-def _gold_scores(names: list[str | None], prompts: list[str], responses: list[str]) -> list[float | None]:
+def gold_scores(names: list[str | None], prompts: list[str], responses: list[str]) -> list[float | None]:
+    """Each response's score under its row's gold scorer (None where the row names none)."""
     out: list[float | None] = []
     for name, p, r in zip(names, prompts, responses):
         if not name:

