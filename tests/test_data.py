@@ -389,6 +389,8 @@ def test_constraints_data_is_shipped_in_sync_and_leaves_a_gap():
     assert all(r["gold"] == "constraints" for r in shipped)
     assert len({(r["prompt"], r["chosen"], r["rejected"]) for r in shipped}) == len(shipped)
     assert not any(constraints.is_degenerate(r["chosen"]) for r in shipped)
+    short = sum(len(constraints.words(r["rejected"])) < constraints.MIN_WORDS for r in shipped) / len(shipped)
+    assert short > 0.1  # the RM sees that a fragment breaks the length rule too (not only rambling)
     r = resolve_source(SourceConfig(path="constraints"))
     assert (r.name, r.kind, r.files["train"]) == ("constraints", "demo", [constraints.DATA_FILE])
 

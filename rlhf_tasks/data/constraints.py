@@ -14,7 +14,7 @@ but the prompt and the answer.
 
 Dataset (`generate(n, seed)`), one preference pair per row with `gold: "constraints"`: answers are sentences from
 templates over per-topic nouns, in which each rule is switched on or off on its own (right or wrong noun,
-short or padded with a clause, lowercase or sentence case, question or statement). `chosen` meets 2 to 4 rules,
+4 to N words or else a fragment or padded with a clause, lowercase or sentence case, question or statement). `chosen` meets 2 to 4 rules,
 `rejected` fewer (or is degenerate), every pair differs by at least one rule. Chosen answers meet the keyword and
 length rules 95% of the time but the lowercase and question rules only 47% of the time each (`CHOSEN_MIX`).
 
@@ -76,6 +76,8 @@ QUESTIONS = ("is {t} full of {x}", "do you love the {x} of {t}", "does {t} remin
              "why are there so many {x} in {t}", "do the {x} make {t} feel alive", "where are the {x} in {t}")
 PADDING = ("and it makes me feel calm and happy every single day", "when the sun goes down and the air gets cool",
            "even on the longest and quietest days of the year", "and i think about it every time i close my eyes")
+FRAGMENTS = ("{x}", "the {x}", "so many {x}", "why {x}")  # under MIN_WORDS: how an answer breaks the length rule
+SHORT_SHARE = 0.3  # of the answers that break the length rule, this share is too short (the rest too long)
 DATA_FILE = Path(__file__).resolve().parent / "constraints_data" / "constraints.jsonl"
 DEFAULT_ROWS, DEFAULT_SEED = 3000, 0
 GOLD_RANGE = (0.0, 1.0)
@@ -128,7 +130,9 @@ def make_answer(rng: random.Random, topic: str, kw: str, hi: int, want: dict[str
     noun = kw if want["keyword"] else rng.choice([n for n in TOPICS[topic] if n != kw])
     fits = [t.format(t=topic, x=noun) for t in (QUESTIONS if want["question"] else STATEMENTS)]
     text = rng.choice([t for t in fits if MIN_WORDS <= len(words(t)) <= hi])
-    if not want["length"]:  # pad past the maximum with a clause (or two)
+    if not want["length"] and rng.random() < SHORT_SHARE:  # too short: a fragment
+        text = rng.choice(FRAGMENTS).format(x=noun)
+    elif not want["length"]:  # too long: pad past the maximum with a clause (or two)
         pads = rng.sample(PADDING, 2)
         text = f"{text} {pads[0]}"
         if len(words(text)) <= hi:
