@@ -17,7 +17,7 @@ from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.stages import StagePlan
 from rlhf_tasks.store import ArtifactStore
 
-from . import observe
+from . import ephemeral, observe
 from .stage_loop import RunResult, finish_run, launch_with_retries, read_run_record, run_dir, run_stages, spec_for
 
 
@@ -29,12 +29,13 @@ def run_without_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[S
     if cfg.execution.work_pool:
         raise ConfigError("execution.work_pool needs Prefect (run without --no-prefect)")
     run_id = f"local-{uuid.uuid4()}"
+    folder = run_dir(cfg, name, run_id)
     started = time.time()
 
     def run_one(p: StagePlan, cached_now: bool, upstream: dict[str, str]) -> tuple[str, dict]:
         if cached_now:
             return p.uri, {}
-        spec = spec_for(cfg, store, p, name)
+        spec = spec_for(cfg, store, p, folder)
         log = observe.StageLog(p.stage, spec.run_dir)
         return launch_with_retries(spec, cfg.execution, lambda: launch_local(spec, cfg.execution, log), echo), {}
 
@@ -67,17 +68,23 @@ def run_with_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[Stag
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     # Prefect's 20 s default for the temporary server to come up is too short on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    log_path = run_dir(cfg, name) / "run.log"
-    where = "temporary local API for this run (set PREFECT_API_URL to use a server)" \
-        if not os.environ.get("PREFECT_API_URL") else f"API {os.environ['PREFECT_API_URL']}"
+    folder = run_dir(cfg, name, uuid.uuid4().hex)  # the flow run's id comes later; the folder is needed now
+    log_path = folder / "run.log"
+    api = contextlib.nullcontext()
+    if os.environ.get("PREFECT_API_URL"):
+        where = f"API {os.environ['PREFECT_API_URL']}"
+    else:
+        where = "temporary local API for this run (set PREFECT_API_URL to use a server)"
+        api = ephemeral.use(ephemeral.start())  # ours, not Prefect's: see flows/ephemeral.py
     echo(f"prefect: {where}; run log {log_path}")
     from .pipeline import rlhf_pipeline
 
     observe.set_console(echo)
     try:
-        with _prefect_records_to(log_path):
+        with api, _prefect_records_to(log_path):
             state = rlhf_pipeline.with_options(flow_run_name=name)(config=cfg, until=plans[-1].stage,
-                                                                     stage_plans=plans, return_state=True)
+                                                                     stage_plans=plans, run_folder=str(folder),
+                                                                     return_state=True)
     finally:
         observe.set_console(None)
     if state.is_completed():

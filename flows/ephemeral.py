@@ -13,6 +13,7 @@ Keep the top-level imports light: `python -m flows.ephemeral --serve` is the ser
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 STARTUP_TIMEOUT_S = 120.0  # migrations on a busy machine take a while
 STOP_GRACE_S = 5.0
@@ -52,6 +54,21 @@ class TemporaryAPI:
             self.proc.wait()
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def use(server: TemporaryAPI) -> Iterator[TemporaryAPI]:
+    """Point Prefect at `server` until the process ends (its log and event workers drain at exit, after the
+    body). Prefect reads PREFECT_API_URL when it is imported; a process that imported it already also gets the
+    setting for the body."""
+    os.environ["PREFECT_API_URL"] = server.api_url
+    if "prefect" not in sys.modules:
+        yield server
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server
 
 
 def _healthy(api_url: str) -> bool:

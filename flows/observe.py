@@ -65,6 +65,9 @@ class StageLog:
         line = line.rstrip("\n")
         if self.logger is not None:
             self.logger.info(line)
+        if line.startswith("[lock] "):  # waiting for, or reusing, another run's artifact: the user should know
+            console(f"  {line.removeprefix('[lock] ')}")
+            return
         prog = parse_progress(line)
         if prog is None:
             return

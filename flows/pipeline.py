@@ -14,6 +14,7 @@ import contextlib
 import io
 import time
 import uuid
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
@@ -114,9 +115,9 @@ def _flow_run_name() -> str:
     return stage_loop.run_name(cfg)
 
 
-def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_storage, logger):
+def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, result_storage, logger):
     def run_one(p: StagePlan, cached_now: bool, upstream: dict[str, str]) -> tuple[str, dict]:
-        spec = stage_loop.spec_for(cfg, store, p, name)
+        spec = stage_loop.spec_for(cfg, store, p, folder)
         t = stage_task.with_options(
             name=f"stage-{p.stage}", task_run_name=p.stage, refresh_cache=not cached_now,
             retries=cfg.execution.retries, retry_delay_seconds=stage_loop.retry_delays(cfg.execution),
@@ -139,7 +140,8 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, name: str, result_s
 
 @flow(name="rlhf-pipeline", flow_run_name=_flow_run_name, log_prints=False)
 def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName = "eval",
-                  overrides: Optional[list[str]] = None, stage_plans: Optional[list[StagePlan]] = None) -> dict:
+                  overrides: Optional[list[str]] = None, stage_plans: Optional[list[StagePlan]] = None,
+                  run_folder: Optional[str] = None) -> dict:
     """DeepSpeed-Chat's recipe as cached stages: data blend, SFT, reward model, PPO, evaluation.
 
     Stages whose artifact already exists in the store (same config slice, inputs and code) are reused.
@@ -150,12 +152,15 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
         overrides: `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"].
         stage_plans: the checked plan `rlhf run` computed for this config (leave empty: the flow then checks the
             inputs and plans itself).
+        run_folder: the local folder for this run's stage jobs (leave empty: `<runs_dir>/<run name>-<flow run
+            id>`); `rlhf run` passes the folder its run log is in.
     """
     logger = get_run_logger()
     cfg = _config_param(config, overrides)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
     name = current_flow_run.name or stage_loop.run_name(cfg)
+    folder = Path(run_folder) if run_folder else stage_loop.run_dir(cfg, name, run_id)
     if stage_plans:
         store, plans = ArtifactStore.from_config(cfg.store), stage_plans
         if overrides:
@@ -176,7 +181,8 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
         logger.info(line)
         observe.console(line)
 
-    result = stage_loop.run_stages(store, plans, _stage_runner(cfg, store, name, result_storage, logger), echo)
+    result = stage_loop.run_stages(store, plans, _stage_runner(cfg, store, folder, result_storage, logger),
+                                   echo)
     stage_loop.finish_run(result, store, run_id=run_id, name=name, cfg=cfg, until=until, started=started,
                           orchestrator="prefect")
     if result.error is not None:

@@ -98,26 +98,31 @@ def read_run_record(store: ArtifactStore, run_id: str) -> dict | None:
 
 def finish_run(result: RunResult, store: ArtifactStore, *, run_id: str, name: str, cfg: PipelineConfig,
                until: str, started: float, orchestrator: str) -> RunResult:
-    """Save the run record of a finished stage loop (completed or failed) and attach it to the result."""
+    """Save the run record of a finished stage loop (completed or failed) and attach it to the result. A record
+    the store cannot take (a full disk, an unreachable bucket) fails a completed run; a failed run keeps its own
+    error, the first cause."""
     status = "completed" if result.error is None else "failed"
     error = None if result.error is None else str(result.error)
     record = run_record(run_id, name, cfg, store, until, started, result.stages, status, error, orchestrator)
-    save_run_record(store, record)
+    try:
+        save_run_record(store, record)
+    except OSError as e:
+        if result.error is None:
+            result.error = OSError(e.errno, f"run record {RUNS_PREFIX}/{run_id}.json not saved: {e.strerror or e}")
+        return result
     result.record = record
     return result
 
 
-def run_dir(cfg: PipelineConfig, name: str) -> Path:
-    """The run's local scratch folder: the run log, and one folder per stage job."""
-    return Path(cfg.execution.runs_dir).expanduser().resolve() / name
+def run_dir(cfg: PipelineConfig, name: str, run_id: str) -> Path:
+    """The run's local scratch folder `<runs_dir>/<run name>-<run id>`: the run log, and one folder per stage job.
+    The run id makes it this run's own: two runs of one config (on one store or on two) never share one."""
+    return Path(cfg.execution.runs_dir).expanduser().resolve() / f"{name}-{run_id[-8:]}"
 
 
-def stage_run_dir(cfg: PipelineConfig, name: str, stage: str) -> Path:
-    return run_dir(cfg, name) / stage
-
-
-def spec_for(cfg: PipelineConfig, store: ArtifactStore, p: StagePlan, name: str) -> StageSpec:
-    return make_spec(cfg, store, p, stage_run_dir(cfg, name, p.stage))
+def spec_for(cfg: PipelineConfig, store: ArtifactStore, p: StagePlan, folder: Path) -> StageSpec:
+    """The spec of `p`'s job, its scratch in `<folder>/<stage>` (folder: the run's `run_dir`)."""
+    return make_spec(cfg, store, p, folder / p.stage)
 
 
 def run_stages(store: ArtifactStore, plans: list[StagePlan],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -33,7 +34,7 @@ def train_stage(spec: dict, execution: dict | None = None) -> str:
         return s.output_uri
     # The submitting machine's scratch path means nothing here: use a local one.
     root = Path(os.environ.get("RLHF_RUNS_DIR") or Path(tempfile.gettempdir()) / "rlhf-runs")
-    s.run_dir = str(root / f"{s.stage}-{s.key}")
+    s.run_dir = str(root / f"{s.stage}-{s.key}-{uuid.uuid4().hex[:8]}")  # this flow run's own folder
     logger.info(f"{s.stage}: launching job (key {s.key}, {ex.num_nodes}x{ex.num_procs} processes)")
     try:
         return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger))

@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -347,9 +349,17 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM stops a run like Ctrl-C: jobs and the temporary API go down, "interrupted", exit 130. (Inside a flow
+    # Prefect's handler takes SIGTERM first, marks the run crashed, then re-sends it to this one.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed): return it like any other outcome
@@ -365,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input: a full disk, an unreachable store, a permission
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

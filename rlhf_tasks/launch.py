@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .procs import set_pdeathsig
+
 # Variables a parent launcher or job may have left behind; a job inheriting them would join the wrong group.
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -250,9 +252,24 @@ def run_job(cmd: list[str], env: dict[str, str], *, log: Callable[[str], None] =
 def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
     """Run one stage job for `spec` under `execution` and return `spec.output_uri` once its artifact exists.
 
-    Writes `<run_dir>/spec.json` and `<run_dir>/<stage>.log`. Raises JobInputError (the job's one line) when the
-    job exits 2 (bad input), StageFailed (exit code, log tail) when it fails otherwise, times out, or ends without
-    committing its artifact."""
+    Holds the stage key's lock in the store while the job runs (rlhf_tasks/locks.py): a run that finds another
+    run making the same artifact waits for it and returns its URI. Writes `<run_dir>/spec.json` and
+    `<run_dir>/<stage>.log`; after a commit the rest of `run_dir` (the job's scratch) is removed. Raises
+    JobInputError (the job's one line) when the job exits 2 (bad input), StageFailed (exit code, log tail) when it
+    fails otherwise, times out, or ends without committing its artifact."""
+    from .locks import stage_lock
+
+    store = spec.open_store()
+    kind, key = store.parse_uri(spec.output_uri)
+    with stage_lock(store, kind, key, done=lambda: store.exists(kind, key), log=lambda line: log(f"[lock] {line}"),
+                    run=Path(spec.run_dir).parent.name if spec.run_dir else "") as mine:
+        if not mine or store.exists(kind, key):
+            log(f"[lock] {spec.stage}: {spec.output_uri} was committed by another run; using it")
+            return spec.output_uri
+        return _run_stage_locked(spec, execution, store, log)
+
+
+def _run_stage_locked(spec, execution, store, log: Callable[[str], None]) -> str:
     from .errors import JobInputError, StageFailed, UserError
     from .stages import STAGE_DEFS
 
@@ -283,31 +300,30 @@ def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
         last = next((l for l in reversed(res.tail) if l.strip()), "")
         raise StageFailed(spec.stage, f"exit code {res.returncode} (log: {log_path}): {last.strip()}",
                           res.returncode, res.tail_text)
-    store = spec.open_store()
     kind, key = store.parse_uri(spec.output_uri)
     if not store.exists(kind, key):
         raise StageFailed(spec.stage, f"job ended without committing {spec.output_uri} (log: {log_path})", 0,
                           res.tail_text)
+    remove_scratch(run_dir, keep=(spec_path.name, log_path.name))
     log(f"[launch] {spec.stage}: done in {time.time() - t0:.1f} s -> {spec.output_uri}")
     return spec.output_uri
+
+
+def remove_scratch(run_dir: Path, keep: tuple[str, ...]) -> None:
+    """Delete a committed job's scratch (staged output, checkpoint staging, TensorBoard events): the artifact is
+    in the store now. The spec and the log stay for the user."""
+    for entry in run_dir.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the supervisor: leads the job's process group and takes it down when the caller goes away
 # ---------------------------------------------------------------------------------------------------------
-def _set_pdeathsig(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent (thread) dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):  # pragma: no cover
-        pass
-
-
 def _supervise(parent_pid: int, grace_s: float, cmd: list[str]) -> int:
     pgid = os.getpgrp()
     stopping = threading.Event()
@@ -330,7 +346,7 @@ def _supervise(parent_pid: int, grace_s: float, cmd: list[str]) -> int:
             time.sleep(0.05)
         os.killpg(pgid, signal.SIGKILL)  # includes this supervisor
 
-    _set_pdeathsig(signal.SIGTERM)
+    set_pdeathsig(signal.SIGTERM)
     child = subprocess.Popen(cmd)  # same group; inherits stdout/stderr (the caller's pipe)
     signal.signal(signal.SIGTERM, lambda *_: take_down("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: take_down("SIGINT"))

@@ -116,8 +116,9 @@ class _LocalLock:
                 holder = {}
             os.close(fd)
             return holder
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is a courtesy for waiters; a full disk is no reason to fail
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(owner).encode(), 0)
         self.fd = fd
         return None
 

@@ -11,6 +11,7 @@ remembered outside the artifact, in the local cache (`FileHashes`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -385,11 +386,16 @@ class ArtifactStore:
     def _write_atomic(self, path: str, text: str) -> None:
         if self.is_local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk, an interrupt: no half-written temporary file stays behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:  # one object PUT is atomic on S3
             with self.fs.open(path, "w") as f:
                 f.write(text)
