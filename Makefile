@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-smollm2 demo test test-slow bench bench-quality clean
+.PHONY: setup setup-smollm2 demo test test-slow test-chaos bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -44,7 +44,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m 'slow and not chaos'
+
+# The chaos suite (tests/chaos/, README "Reliability"): the real CLI killed, cut off from S3, starved of disk, run
+# twice at once. The fast cases also run in `make test`.
+test-chaos: $(STAMP)
+	$(PY) -m pytest -q -s -m chaos tests/chaos
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_throughput.py

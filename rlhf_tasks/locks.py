@@ -11,7 +11,9 @@ waits while the first trains, then finds the artifact committed and uses it; not
 - Remote stores (S3): a lease object `<root>/_locks/<kind>-<key>/<generation>.json`, created with an exclusive
   (If-None-Match) PUT and renewed by a heartbeat thread. The newest generation holds the lock while it is alive: its
   process still runs (same machine: pid and start time) or its heartbeat is younger than `ttl_s` (another machine).
-  A waiter takes over a dead lease by creating the next generation exclusively, so two waiters cannot both win.
+  Releasing marks the lease released instead of deleting it; the next holder creates the next generation
+  exclusively. Generation numbers are never reused, so two waiters cannot both win (a deleted and re-created
+  generation would let one waiter see the old holder gone while another already holds the new one).
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def describe(owner: dict) -> str:
 
 def lease_alive(owner: dict, ttl_s: float, now: float | None = None) -> bool:
     """Whether the process that wrote this lease may still hold it."""
+    if owner.get("released"):
+        return False
     if owner.get("machine") and owner["machine"] == _boot_and_pidns():
         return _start_time(int(owner.get("pid", -1))) == owner.get("started")
     return (now or time.time()) - float(owner.get("heartbeat", 0)) < ttl_s
@@ -150,9 +154,8 @@ class _Lease:
         return sorted(out)
 
     def _read(self, path: str) -> dict | None:
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+        try:  # one GET (cat_file): an open file would pin the ETag and fail when the holder renews the lease
+            return json.loads(self.fs.cat_file(path))
         except (FileNotFoundError, ValueError):
             return None
 
@@ -162,7 +165,9 @@ class _Lease:
         if gens:
             gen, path = gens[-1]
             holder = self._read(path)
-            if holder is not None and lease_alive(holder, self.ttl_s):
+            if holder is None:  # removed by whoever took the next generation meanwhile: look again
+                return {}
+            if lease_alive(holder, self.ttl_s):
                 return holder
             nxt = gen + 1
         path = f"{self.folder}/{nxt:08d}.json"
@@ -171,7 +176,7 @@ class _Lease:
         except FileExistsError:  # another waiter created this generation first
             return self._read(path) or {}
         self.path = path
-        for _, old in gens:  # dead generations; never the one just created
+        for _, old in gens:  # released or dead generations; never the one just created
             with contextlib.suppress(FileNotFoundError, OSError):
                 self.fs.rm(old)
         self._owner = owner
@@ -190,6 +195,6 @@ class _Lease:
         if self._beat is not None:
             self._beat.join(timeout=5)
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError, OSError):
-                self.fs.rm(self.path)
+            with contextlib.suppress(OSError):  # unreachable: the lease dies by its heartbeat age instead
+                self.fs.pipe_file(self.path, json.dumps(self._owner | {"released": True}).encode())
             self.path = None

@@ -92,7 +92,9 @@ class ExecutionConfig(Section):
         description="Job variables for train-stage flow runs on the work pool (e.g. {gpu_count: 8, image: ...}).",
     )
     runs_dir: str = Field(
-        "./rlhf-runs", description="Local folder for stage job scratch space and logs (<runs_dir>/<run>/<stage>/)."
+        "./rlhf-runs",
+        description="Local folder for stage job scratch space and logs (<runs_dir>/<run name>-<run id>/<stage>/; "
+        "after a commit only spec.json and the log stay).",
     )
 
 
