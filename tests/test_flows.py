@@ -259,7 +259,8 @@ def test_killed_stage_is_retried_announced_and_resumes(fakes, tmp_path, prefect_
     announced = [ln for ln in capsys.readouterr().out.splitlines() if "attempt" in ln]
     assert len(announced) == 1 and announced[0].startswith("sft: attempt 1 failed (exit code ")
     assert announced[0].endswith("; retrying in 0 s")
-    log = (tmp_path / "runs" / summary["flow_run_name"] / "sft" / "sft.log").read_text().splitlines()
+    [log_file] = (tmp_path / "runs").glob(f"{summary['flow_run_name']}-*/sft/sft.log")  # the run's own folder
+    log = log_file.read_text().splitlines()
     at = log.index(f"[retry] {announced[0]}")
     assert "crashing" in log[at - 1] and any(ln.startswith("step 3/4") for ln in log[at:])
 
@@ -275,9 +276,9 @@ def test_bad_input_found_inside_a_job_is_not_retried_and_exits_2(fakes, tmp_path
     assert fakes() == ["data", "sft"]  # one sft attempt: the same input would fail the same way
     out, err = capsys.readouterr()
     assert "attempt" not in out
+    [log_file] = (tmp_path / "runs").glob(f"{summary['flow_run_name']}-*/sft/sft.log")  # the run's own folder
     assert err.strip().splitlines() == [
-        f"error: sft: fake.jsonl:3:prompt: bad row found inside the sft job "
-        f"(log: {tmp_path / 'runs' / summary['flow_run_name'] / 'sft' / 'sft.log'})"]
+        f"error: sft: fake.jsonl:3:prompt: bad row found inside the sft job (log: {log_file})"]
 
 
 def test_real_cli_prints_one_line_and_keeps_tracebacks_in_the_run_log(fakes, tmp_path, site_dir):

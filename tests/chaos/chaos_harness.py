@@ -35,7 +35,9 @@ class Run:
 
     def __init__(self, *args: str, env: dict | None = None, cwd: str | Path | None = None):
         self.tag = uuid.uuid4().hex
-        self.env = {**os.environ, **(env or {}), TAG_VAR: self.tag}
+        # A run's own temporary Prefect API, as a user gets it (an API another test left in our environment is not)
+        base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        self.env = {**base, **(env or {}), TAG_VAR: self.tag}
         self.proc = subprocess.Popen([*RLHF, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=self.env, cwd=cwd, start_new_session=True)
         self.out: list[str] = []

@@ -95,7 +95,7 @@ def test_killed_at_random_points_of_every_training_stage_resumes_to_the_same_res
                     run.wait_for(rf"^{stage}: running")
             reached = _wait_step(run, stage, at)
             time.sleep(rng.uniform(0.0, 1.5))
-            if reached > steps[0]:  # the first checkpoint (every 2 steps) is committed before later steps
+            if steps[0] < reached < steps[-1]:  # a checkpoint (every 2 steps) lies behind, the stage is unfinished
                 resumed_expected.append(stage)
             if mode == "job":
                 import os
@@ -148,7 +148,7 @@ def test_two_identical_runs_at_once_on_one_store(reference, tmp_path):
     finally:
         for r in runs:
             r.kill_all()
-    seen = assert_store_sound(str(store))
+    seen = {u for u in assert_store_sound(str(store)) if "/ckpt-" not in u}
     assert sorted(seen) == sorted(f"{store}/{s}/{reference['keys'][s]}" for s in ("data", "sft")), seen
     assert any("waiting for it" in r.text for r in runs), "neither run waited for the other"
     for stage in ("data", "sft"):
