@@ -7,9 +7,9 @@ from typing import Callable
 
 from rlhf_tasks.config import ExecutionConfig
 from rlhf_tasks.errors import JobInputError, StageFailed
-from rlhf_tasks.stages import StageSpec
+from rlhf_tasks.stages import STAGE_DEFS, StageSpec
 
-TRAINING_STAGES = ("sft", "reward", "ppo")
+TRAINING_STAGES = tuple(s for s, d in STAGE_DEFS.items() if d.distributed)  # the DeepSpeed jobs
 
 
 def launch_local(spec: StageSpec, execution: ExecutionConfig, log: Callable[[str], None]) -> str:

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, load_config
 from rlhf_tasks.errors import UserError
-from rlhf_tasks.stages import STAGE_DEFS, StagePlan, StageSpec, _flatten, make_spec
+from rlhf_tasks.stages import STAGE_DEFS, STAGES, StagePlan, StageSpec, _flatten, make_spec
 from rlhf_tasks.store import ArtifactStore, canonical_json, compute_key
 
 RUNS_PREFIX = "runs"
-_NAME_SECTIONS = ("models", "data", "sft", "reward", "ppo", "eval")
+_NAME_SECTIONS = ("models", *STAGES)  # the config sections that shape results (one per stage)
 
 
 def config_hash(cfg: PipelineConfig) -> str:

@@ -61,7 +61,7 @@ def cmd_store(args) -> int:
                 rows.append((kind, key, "INCOMPLETE", "", "", ""))
                 continue
             lineage = ", ".join(f"{n}={u.rsplit('/', 1)[-1][:10]}" for n, u in sorted(m.lineage.items()))
-            created = __import__("time").strftime("%Y-%m-%d %H:%M", __import__("time").localtime(m.created))
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))
             rows.append((kind, key, "ok", _human(m.size), created, lineage))
         if args.json:
             print(json.dumps([dict(zip(("kind", "key", "status", "size", "created", "lineage"), r)) for r in rows]))

@@ -129,6 +129,23 @@ def test_checkpoint_resume_continues_identically(tiny, local_store):
         torch.testing.assert_close(engine2.ema.shadow[k], v)
 
 
+def test_ppo_learning_rates_and_optimizer_blocks_reach_the_engines(tiny):
+    """`ppo.actor_lr` / `ppo.critic_lr` are the one place for the peak learning rates, `ppo.<model>.optim` the one
+    place for the rest of each optimizer: the live DeepSpeed engines' optimizers and schedules carry them."""
+    path, tok, _ = tiny
+    cfg = small_cfg(actor_lr=3e-4, critic_lr=7e-5, actor={"optim": {"weight_decay": 0.1, "adam_betas": (0.8, 0.9),
+                                                                    "lr_scheduler": "constant"}},
+                    critic={"optim": {"lr_scheduler": "constant"}})
+    engine = RLHFEngine(path, path, tokenizer=tok, config=cfg, total_steps=2)
+    for eng, lr, decay, betas in ((engine.actor, 3e-4, 0.1, (0.8, 0.9)), (engine.critic, 7e-5, 0.0, (0.9, 0.95))):
+        groups = eng.optimizer.param_groups
+        assert {g["lr"] for g in groups} == {lr} and set(eng.get_lr()) == {lr}
+        assert max(g["weight_decay"] for g in groups) == decay and {tuple(g["betas"]) for g in groups} == {betas}
+    trainer = PPOTrainer(engine)
+    trainer.train_rlhf(trainer.generate_experience(tiny[2][0]))
+    assert set(engine.actor.get_lr()) == {3e-4} and set(engine.critic.get_lr()) == {7e-5}  # constant schedule
+
+
 REDUCE_WORKER = """
 import json, torch
 torch.distributed.init_process_group("gloo")

@@ -193,11 +193,11 @@ class RLHFEngine:
             he_extra = deepspeed_he_config(cfg.max_new_tokens + 512, cfg.inference_tp_size,
                                            cfg.tp_gather_partition_size, cfg.release_inference_cache,
                                            cfg.pin_parameters)
-        self.actor = build_engine(actor_m, actor_t, lr=cfg.actor_lr, total_steps=opt_steps,
-                                  world_size=self.world_size, extra_config=he_extra)
+        self.actor = build_engine(actor_m, actor_t, total_steps=opt_steps, world_size=self.world_size,
+                                  extra_config=he_extra)
         critic_m = apply_lora(critic_m, cfg.critic.lora)
-        self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, lr=cfg.critic_lr,
-                                   total_steps=opt_steps, world_size=self.world_size)
+        self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, total_steps=opt_steps,
+                                   world_size=self.world_size)
         ref_t = actor_t.model_copy(update={"offload": cfg.offload_reference or actor_t.offload})
         reward_t = critic_t.model_copy(update={"offload": cfg.offload_reward or critic_t.offload})
         self.ref = build_engine(ref_m, ref_t, world_size=self.world_size, trainable=False)
