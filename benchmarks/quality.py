@@ -14,7 +14,8 @@ Exit status 0 when every target is met, 1 otherwise.
     python benchmarks/quality.py                         # the full run (~45 minutes on a 2-core CPU)
     python benchmarks/quality.py --set ppo.total_steps=3 --set sft.max_steps=4 --set reward.max_steps=4 \\
         --set eval.num_prompts=8                         # a smoke run of the same code path
-Also: --store DIR (default: a new temporary folder), --json PATH (the numbers), --no-prefect.
+Also: --store DIR (default: a new temporary folder), --json PATH (the numbers), --no-prefect, --config PRESET
+(e.g. `tiny`, to try the script itself in a minute; the targets are set for SmolLM2).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def print_table(s: dict, base_gold: float, stage_walls: dict, wall_s: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=PRESET, help="preset or config file (the targets are set for the default)")
     ap.add_argument("--store", help="store folder (default: a new temporary folder, so nothing is cached)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     store = args.store or tempfile.mkdtemp(prefix="rlhf-quality-")
     record_path = Path(store) / "quality-run.json"
-    cmd = ["run", "--config", PRESET, "--store", store, "--summary-json", str(record_path)]
+    cmd = ["run", "--config", args.config, "--store", store, "--summary-json", str(record_path)]
     cmd += [x for kv in args.set for x in ("--set", kv)] + (["--no-prefect"] if args.no_prefect else [])
     print("rlhf " + " ".join(cmd), flush=True)
     t0 = time.time()
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads(record_path.read_text())
     eval_dir = resolve_eval_dir(str(record_path))
     summary = json.loads((eval_dir / "metrics.json").read_text())["summary"]
-    cfg = load_config(PRESET, overrides=args.set)
+    cfg = load_config(args.config, overrides=args.set)
     base_gold = base_model_gold(Path(record["stages"]["data"]["uri"].removeprefix("file://")), cfg.eval,
                                 cfg.models.actor)
     walls = {k: float(v.get("wall_s", 0.0)) for k, v in record["stages"].items()}
