@@ -30,7 +30,7 @@ from .errors import ConfigError, StoreError
 from .stages import StagePlan
 from .store import ArtifactStore
 
-LOCAL_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+LOCAL_PATH_PREFIXES = ("/", ".", "~")  # a reference starting so is a path (no hub name does)
 
 
 # ---- store ----------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def open_store(store_cfg: StoreConfig) -> ArtifactStore:
     check_store_url(store_cfg.url)
     try:
         return ArtifactStore.from_config(store_cfg)
-    except (ValueError, OSError) as e:
+    except (StoreError, ValueError, OSError) as e:
         raise ConfigError(f"store.url: {store_cfg.url}: {str(e).splitlines()[0]}") from None
 
 
