@@ -2,11 +2,13 @@
 (its manifest rewritten to match, so every hash checks out) is refused and never executed, an unloadable
 checkpoint is skipped for the previous one, and a committed run leaves no checkpoints behind."""
 import hashlib
+import pickle
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from rlhf_tasks import models
 from rlhf_tasks.config import TinyModelConfig, TrainingConfig
@@ -131,22 +133,37 @@ def test_planted_pickle_as_weights_is_refused(weights_file, local_store, tmp_pat
     if weights_file != "model.safetensors":
         plant(local_store, "sft", "w" * 24, weights_file, evil)
     folder = models.resolve_model(uri, store=local_store)
-    with pytest.raises(Exception):
-        models.load_causal_lm(folder)
-    with pytest.raises(Exception):
-        models.load_score_model(folder)
+    # refused for what it is: not a safetensors header; a torch file that weights_only loading rejects
+    refused, reason = ((SafetensorError, "deserializing header") if weights_file == "model.safetensors"
+                       else (pickle.UnpicklingError, "Weights only load failed"))
+    for load in (models.load_causal_lm, models.load_score_model):
+        with pytest.raises(refused, match=reason):
+            load(folder)
     assert not marker.exists()
+
+
+def _ppo_spec(store, run_dir: Path) -> StageSpec:
+    from rlhf_tasks.config import load_config
+
+    key = uuid.uuid4().hex[:24]
+    return StageSpec(stage="ppo", key=key, config=load_config(None, []).model_dump(mode="json", by_alias=True),
+                     inputs={}, output_uri=store.uri("ppo", key), store=store.settings(), run_dir=str(run_dir))
+
+
+def test_checkpoint_cadence(local_store, tmp_path):
+    """Every `every` steps, never at the last one (the commit follows it), never with every=0."""
+    spec = _ppo_spec(local_store, tmp_path / "r")
+    due = {every: [s for s in range(1, 6) if ResumableRun(spec, "ppo", 5, keep=2, every=every,
+                                                           store=local_store).checkpoint_due(s)]
+           for every in (0, 1, 2, 5)}
+    assert due == {0: [], 1: [1, 2, 3, 4], 2: [2, 4], 5: []}
 
 
 def test_commit_deletes_the_runs_checkpoints(local_store, single_process_group, tmp_path):
     """ResumableRun is the one resume helper of SFT, the reward model and PPO: after the commit the stage artifact
     exists and none of its checkpoints remain (a silent storage leak at real model sizes otherwise)."""
-    from rlhf_tasks.config import load_config
-
-    key = uuid.uuid4().hex[:24]
-    cfg = load_config(None, [])
-    spec = StageSpec(stage="ppo", key=key, config=cfg.model_dump(mode="json", by_alias=True), inputs={},
-                     output_uri=local_store.uri("ppo", key), store=local_store.settings(), run_dir=str(tmp_path / "r"))
+    spec = _ppo_spec(local_store, tmp_path / "r")
+    key = spec.key
     run = ResumableRun(spec, "ppo", total_steps=3, keep=2, store=local_store)
     eng = _engine()
     for step in (1, 2):

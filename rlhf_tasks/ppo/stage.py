@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..models import load_tokenizer
 from ..training.batches import epoch_permutation, micro_batch_indices
-from ..training.distributed import destroy_distributed, local_first, seed_everything
+from ..training.distributed import destroy_distributed, local_first, seed_rank_streams
 from ..training.examples import stage_setup
 from ..training.metrics import peak_memory_mb
 from ..training.resumable import ResumableRun
@@ -125,19 +125,20 @@ def train_ppo(spec, ctx) -> dict:
     if rank == 0:
         print(f"[ppo] generation: {engine.hybrid.choice}", flush=True)
 
-    resumable = ResumableRun(spec, "ppo", total, cfg.keep_checkpoints, started=t_start, store=store)
+    resumable = ResumableRun(spec, "ppo", total, cfg.keep_checkpoints, every=cfg.checkpoint_every, started=t_start,
+                             store=store)
     state = resumable.resume(engine.trainable_engines())
     if state is not None:
         trainer.load_state_dict(state["trainer"])
     else:
-        seed_everything(cfg.seed + 7919 * rank)  # per-rank sampling streams, restored on resume
+        seed_rank_streams(cfg.seed)  # sampling
 
     for step in range(resumable.start_step + 1, total + 1):
         batches = [make_batch(cols, rows, with_ptx) for rows in sched.rows(step)]
         stats = trainer.step(batches)
         stats["epoch"] = (step - 1) // sched.steps_per_epoch
         resumable.logger.log(step, stats, echo=step % cfg.log_every == 0 or step == total)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
+        if resumable.checkpoint_due(step):
             resumable.checkpoint(step, engine.trainable_engines(), {"trainer": trainer.state_dict(), "position": step})
 
     engine.save_actor(resumable.out_dir / "actor")

@@ -10,7 +10,8 @@
   metrics               `MetricsLogger`: progress lines, history, TensorBoard, metrics.json
   batches               deterministic sharded batches, padding, truncation
   loop                  `run_training_stage` / `fit_task`: the SFT/RM step loop (as a stage job / from Python)
+  examples              stage job setup (SFT, RM, PPO) and token ids of one data phase/split
+  sft, reward           the two supervised stages: their loss and eval, `fit` and the job entry `run(spec)`
 
 From Python without a pipeline: `sft.fit(model, tokenizer, train_ids, eval_ids, SFTConfig(...))`, `reward.fit(...)`.
-  examples              stage job setup and token ids of one data phase/split
 """

@@ -39,7 +39,6 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -117,6 +116,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank_streams(seed: int) -> None:
+    """Seed this rank's own random streams (dropout, sampling) at the start of a run: distinct per rank, the same
+    on every run. A resumed run restores the checkpoint's RNG states instead."""
+    seed_everything(seed + 7919 * rank_world()[0])
 
 
 def configure_threads() -> None:

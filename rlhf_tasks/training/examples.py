@@ -1,5 +1,5 @@
-"""Stage job setup and example loading (shared by SFT and the reward model): the config, process group, store
-and data artifact of a job, model references as local paths, token ids of one phase/split."""
+"""Stage job setup (SFT, the reward model and PPO) and example loading (SFT, the reward model): the config, process
+group, store and data artifact of a job, model references as local paths, token ids of one phase/split."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DataError
 from .batches import epoch_permutation, micro_batch_indices
-from .distributed import all_reduce_sum, barrier, init_distributed, rank_world, seed_everything
+from .distributed import all_reduce_sum, barrier, init_distributed, rank_world, seed_rank_streams
 from .engine import build_engine
 from .export import save_hf
 from .metrics import MetricsLogger, peak_memory_mb
@@ -76,7 +76,8 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
     rank, world = rank_world()
     spe, total = plan_steps(tcfg, task.n_train, world)
     engine = build_engine(task.model, tcfg, total_steps=total, world_size=world)
-    resumable = None if spec is None else ResumableRun(spec, task.name, total, tcfg.keep_checkpoints, started=t_start)
+    resumable = None if spec is None else ResumableRun(spec, task.name, total, tcfg.keep_checkpoints,
+                                                       every=tcfg.checkpoint_every, started=t_start)
     if resumable is not None:
         out_dir = resumable.out_dir
         logger = resumable.logger
@@ -87,7 +88,7 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
     if state is not None:
         eval_before = state["eval_before"]
     else:
-        seed_everything(tcfg.seed + 7919 * rank)  # per-rank dropout streams, reproducible on resume
+        seed_rank_streams(tcfg.seed)  # dropout
         engine.eval()
         eval_before = task.evaluate(engine)
         logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
@@ -126,7 +127,7 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
             engine.eval()
             logger.log(step, {f"eval/{k}": v for k, v in task.evaluate(engine).items()})
-        if resumable is not None and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total:
+        if resumable is not None and resumable.checkpoint_due(step):
             resumable.checkpoint(step, {"model": engine},
                                  {"eval_before": eval_before, "epoch": epoch, "position": pos + 1})
     engine.eval()

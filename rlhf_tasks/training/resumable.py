@@ -1,10 +1,11 @@
 """The one resumable-run helper of the stage jobs (SFT, the reward model and PPO all use it).
 
-    run = ResumableRun(spec, "sft", total_steps, keep=tcfg.keep_checkpoints)
+    run = ResumableRun(spec, "sft", total_steps, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
     state = run.resume(engines)                  # None: start fresh; else the saved state (history restored)
     for step in range(run.start_step + 1, total_steps + 1):
         ...; run.logger.log(step, metrics)
-        run.checkpoint(step, engines, {...})     # every N steps
+        if run.checkpoint_due(step):             # every `every` steps, never at the last
+            run.checkpoint(step, engines, {...})
     ...write the HF folder(s) into run.out_dir...
     run.commit(summary)                          # metrics.json, the stage artifact, then its checkpoints deleted
 """
@@ -24,8 +25,9 @@ class ResumableRun:
     """One stage job's run: a fresh output folder (`<run_dir>/output`), the stage's checkpoints in the store
     (`ckpt-<stage>/<key>.step-N`), the metrics logger, and the commit. All ranks create and call it."""
 
-    def __init__(self, spec, name: str, total_steps: int, keep: int, started: float | None = None, store=None):
-        self.spec, self.name, self.total_steps = spec, name, total_steps
+    def __init__(self, spec, name: str, total_steps: int, keep: int, every: int = 0, started: float | None = None,
+                 store=None):
+        self.spec, self.name, self.total_steps, self.every = spec, name, total_steps, every
         self.started = started if started is not None else time.time()
         self.rank, self.world = rank_world()
         run_dir = Path(spec.run_dir or ".")
@@ -56,6 +58,11 @@ class ResumableRun:
     def elapsed_s(self) -> float:
         """Wall time of the whole run, across resumes."""
         return self.elapsed_before + time.time() - self.started
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether `step` ends with a checkpoint: every `every` steps (0: never), except the last (the commit
+        follows it)."""
+        return bool(self.every) and step % self.every == 0 and step != self.total_steps
 
     def checkpoint(self, step: int, engines: dict[str, Any], state: dict) -> None:
         """Commit a checkpoint of `engines` with the caller's `state` (plus the history and elapsed time)."""
