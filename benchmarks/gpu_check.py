@@ -1,4 +1,6 @@
-"""Python side of gpu_check.sh: run ppo_throughput on a 1.3B-shaped OPT in bf16 and add the HBM roofline."""
+"""Python side of gpu_check.sh: run ppo_throughput on a 1.3B-shaped OPT in bf16 at each --batches (PPO steps at the
+first batch only) and add the HBM roofline: batch x bandwidth / model bytes (every decode step streams every weight
+once), with the bandwidth measured by a device-to-device copy (the spec figure is printed beside it)."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu-check-out")
     ap.add_argument("--shape", default="opt-1.3b")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", default="8,32", help="generation batches; PPO steps at the first")
     ap.add_argument("--no-deepspeed-he", action="store_true", help="leave DeepSpeed's HE to a separate run")
     args = ap.parse_args()
     import torch
@@ -45,25 +47,29 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in HBM.items() if k in name), None)
     copy_bw = measured_bandwidth()
-    res = bench.main(["--shape", args.shape, "--precision", "bf16", "--batch", str(args.batch), "--prompt-len", "32",
-                      "--new-tokens", "64", "--repeats", "5", "--ppo-steps", "5"]
-                     + ([] if args.no_deepspeed_he else ["--deepspeed-he"]))
-    gen = res["generation"]
-    model_bytes = gen["params"] * 2  # bf16
-    bw = peak or copy_bw
-    roofline = args.batch * bw / model_bytes  # decode tokens/s if every step only streamed the weights once
-    res["hbm"] = {"gpu": name, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw, "model_bytes": model_bytes,
-                  "roofline_tokens_per_s": roofline}
-    print(f"\nHBM roofline ({name}, {bw / 1e12:.2f} TB/s {'spec' if peak else 'measured copy'}; device copy "
-          f"measured {copy_bw / 1e12:.2f} TB/s): batch {args.batch} x bandwidth / {model_bytes / 1e9:.2f} GB = "
-          f"{roofline:.0f} tokens/s")
-    for k in ("a_portable_z3", "b_naive_z3", "c_plain", "d_deepspeed_he_z0", "d_deepspeed_he_z3"):
-        if f"{k}_tokens_per_s" in gen:
-            frac = gen[f"{k}_tokens_per_s"] / roofline
-            res["hbm"][f"{k}_fraction"] = frac
-            print(f"  {k:22s} {gen[f'{k}_tokens_per_s']:9.1f} tokens/s = {100 * frac:5.1f}% of the roofline")
+    out = {"gpu": name, "peak_bytes_per_s": peak, "copy_bytes_per_s": copy_bw, "runs": {}}
+    for i, batch in enumerate(int(b) for b in args.batches.split(",")):
+        res = bench.main(["--shape", args.shape, "--precision", "bf16", "--batch", str(batch), "--prompt-len", "32",
+                          "--new-tokens", "64", "--repeats", "5", "--ppo-steps", "5"]
+                         + (["--real-model", "--real-batch", "8"] if i == 0 else ["--ppo-stages", "", "--skip-naive"])
+                         + ([] if args.no_deepspeed_he else ["--deepspeed-he"]))
+        gen = res["generation"]
+        model_bytes = gen["params"] * 2  # bf16
+        roofline = batch * copy_bw / model_bytes
+        res["hbm"] = {"model_bytes": model_bytes, "roofline_tokens_per_s": roofline,
+                      "spec_roofline_tokens_per_s": batch * peak / model_bytes if peak else None}
+        print(f"\nHBM roofline ({name}, batch {batch}): batch x {copy_bw / 1e12:.2f} TB/s measured (device copy"
+              f"{f'; spec {peak / 1e12:.2f} TB/s' if peak else ''}) / {model_bytes / 1e9:.2f} GB = {roofline:.0f} "
+              f"tokens/s")
+        for k in ("a_portable_z3", "a_prime_compiled_z3", "b_naive_z3", "c_plain", "d_deepspeed_he_z0",
+                  "d_deepspeed_he_z3"):
+            if f"{k}_tokens_per_s" in gen:
+                frac = gen[f"{k}_tokens_per_s"] / roofline
+                res["hbm"][f"{k}_fraction"] = frac
+                print(f"  {k:22s} {gen[f'{k}_tokens_per_s']:9.1f} tokens/s = {100 * frac:5.1f}% of the roofline")
+        out["runs"][f"batch{batch}"] = res
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -210,3 +210,20 @@ def test_sampled_tokens_follow_generates_distribution():
     expected = n * p[support]
     stat = float((((counts[support] - expected) ** 2) / expected).sum())
     assert stat < _chi2_critical(int(support.sum()) - 1, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_generate_and_compiles_once():
+    """The torch.compile'd decode step (ppo.generation=compiled; on CPU its compilation takes minutes): greedy output
+    equal to `generate`, compile time counted on the first call only, none on the next calls of the same shapes."""
+    model = _lively(load_causal_lm(str(ensure_tiny_model("llama", TinyModelConfig()))))
+    ids, mask = _ragged(model.config.vocab_size, pad=2)
+    kw = dict(do_sample=False, max_new_tokens=9, pad_token_id=2, eos_token_id=1, min_new_tokens=3)
+    ref = hf_generate(model, ids, mask, dict(kw))
+    s, _ = decode.settings_from_generate_kwargs(model, kw)
+    dec = decode.StaticDecoder(model, compile_step=True)
+    assert torch.equal(dec.generate(ids, mask, s), ref)
+    first = dec.compile_s
+    assert first > 0
+    assert torch.equal(dec.generate(ids[:, 2:], mask[:, 2:], s), hf_generate(model, ids[:, 2:], mask[:, 2:], dict(kw)))
+    assert dec.compile_s == first, "a narrower prompt reuses the bucketed shapes: no second compilation"

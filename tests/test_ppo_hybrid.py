@@ -90,8 +90,13 @@ def test_lora_merged_for_generation_and_restored_exactly(tiny, stage, generation
     with he.generation_mode() as m:
         merged = [x for x in m.modules() if hasattr(x, "merged") and x.merged]
         assert merged, "LoRA layers must be merged while generating"
+    wrapper_calls = []
+    hook = lora_layers[0].register_forward_hook(lambda *_: wrapper_calls.append(1))
     out = he.generate(ids, mask, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    hook.remove()
     assert torch.equal(out, ref)
+    # the static loop calls the merged layers' base layers directly; generate goes through peft's wrapper
+    assert bool(wrapper_calls) == (generation == "hf")
     assert all(x.merged is False for x in engine.module.modules() if hasattr(x, "merged")), "unmerged after"
     assert [x for x in engine.module.modules() if hasattr(x, "lora_A")] == lora_layers, "LoRA layers put back"
     if stage == 0:

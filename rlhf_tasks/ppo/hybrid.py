@@ -25,12 +25,14 @@ import torch
 
 from ..errors import ConfigError
 from ..models import pad_token_lists
-from . import decode
 from ..training.deepspeed_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
                                            hybrid_engine_tp_size, zero3_gathered_without_hooks)
+from ..training.engine import plain_hf_model
+from . import decode
 
 log = logging.getLogger(__name__)
 GENERATIONS = ("auto", "hf", "compiled")
+_UNCHECKED = object()
 
 
 def engine_module(engine) -> torch.nn.Module:
@@ -131,32 +133,33 @@ class PortableHybridEngine(HybridEngine):
         self.gather_zero3 = gather_zero3
         dev = next(self.module.parameters()).device
         self.path, compile_step, self.choice = resolve_generation(generation, dev)
-        self.decoder = decode.StaticDecoder(_hf_causal_lm(self.module), compile_step=compile_step,
+        self.decoder = decode.StaticDecoder(plain_hf_model(self.module), compile_step=compile_step,
                                             check_every=8 if dev.type == "cuda" else 1)
         self.last_compile_s = 0.0
-        self._model_reason: str | None = None  # why the decode loop cannot run this model (None: it can)
-        self._model_checked = False
+        self._model_reason: str | None | object = _UNCHECKED  # why the loop cannot run this model (None: it can)
         self._noted: set[str] = set()
 
     def _generate_in_mode(self, model, input_ids, attention_mask, gen_kwargs: dict) -> torch.Tensor:
         self.last_compile_s = 0.0
-        reason = self._static_reason(gen_kwargs) if self.path == "static" else None
-        if self.path == "hf" or reason is not None:
+        settings, reason = self._static_settings(gen_kwargs) if self.path == "static" else (None, None)
+        if settings is None:
             if reason is not None and reason not in self._noted:
                 self._noted.add(reason)
                 log.warning("ppo.generation: HF generate instead of the static-cache decode loop: %s", reason)
             return hf_generate(model, input_ids, attention_mask, gen_kwargs)
-        settings, _ = decode.settings_from_generate_kwargs(self.decoder.model, gen_kwargs)
         before = self.decoder.compile_s
         with _lora_bypassed(model):
             out = self.decoder.generate(input_ids, attention_mask, settings)
         self.last_compile_s = self.decoder.compile_s - before
         return out
 
-    def _static_reason(self, gen_kwargs: dict) -> str | None:
-        if not self._model_checked:  # inside generation mode: ZeRO-3 weights are gathered
-            self._model_reason, self._model_checked = decode.unsupported_reason(self.decoder.model), True
-        return self._model_reason or decode.settings_from_generate_kwargs(self.decoder.model, gen_kwargs)[1]
+    def _static_settings(self, gen_kwargs: dict) -> tuple[decode.SamplingSettings | None, str | None]:
+        """(settings, None) when the decode loop covers this model and these arguments, else (None, why not)."""
+        if self._model_reason is _UNCHECKED:  # checked once, inside generation mode (ZeRO-3 weights gathered)
+            self._model_reason = decode.unsupported_reason(self.decoder.model)
+        if self._model_reason is not None:
+            return None, self._model_reason
+        return decode.settings_from_generate_kwargs(self.decoder.model, gen_kwargs)
 
     @contextlib.contextmanager
     def generation_mode(self) -> Iterator[torch.nn.Module]:
@@ -205,11 +208,6 @@ def inference_forward(engine) -> Iterator[None]:
         return
     with engine_hooks_suspended(engine):
         yield
-
-
-def _hf_causal_lm(module: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside a peft wrapper (LoRA layers stay injected), else the module itself."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 @contextlib.contextmanager
