@@ -51,7 +51,8 @@ def main() -> None:
     for i, batch in enumerate(int(b) for b in args.batches.split(",")):
         res = bench.main(["--shape", args.shape, "--precision", "bf16", "--batch", str(batch), "--prompt-len", "32",
                           "--new-tokens", "64", "--repeats", "5", "--ppo-steps", "5"]
-                         + (["--real-model", "--real-batch", "8"] if i == 0 else ["--ppo-stages", "", "--skip-naive"])
+                         + (["--real-model", "--real-batch", "8"] if i == 0
+                            else ["--ppo-stages", "", "--skip-naive"])
                          + ([] if args.no_deepspeed_he else ["--deepspeed-he"]))
         gen = res["generation"]
         model_bytes = gen["params"] * 2  # bf16

@@ -194,8 +194,8 @@ def bench_real_model(args, dev, dtype) -> dict:
         if "lora_B" in n:
             p.data.normal_(std=0.02)  # a trained adapter is not zero
     plain = copy.deepcopy(model).merge_and_unload().eval()
-    engine = build_engine(model, TrainingConfig(zero_stage=0, precision=args.precision, micro_batch_size=args.real_batch),
-                          lr=1e-5, total_steps=10)
+    tcfg = TrainingConfig(zero_stage=0, precision=args.precision, micro_batch_size=args.real_batch)
+    engine = build_engine(model, tcfg, lr=1e-5, total_steps=10)
     hf_path = PortableHybridEngine(engine, generation="hf")
     stage_path = PortableHybridEngine(engine, generation=args.generation)
     g = torch.Generator().manual_seed(3)
@@ -311,7 +311,8 @@ def main(argv=None) -> dict:
     res["compiled_equal_to_plain"] = gen["compiled_equal_to_plain"]
     print(f"ratio (a')/(c) = {res['ratio_compiled_over_plain']:.2f}x  (target >= 2x on CPU); (a') output == (c): "
           f"{res['compiled_equal_to_plain']}; (a') is {gen['a_prime_choice']}; compile/warm-up "
-          f"{gen['a_prime_compile_s']:.1f} s (first two calls {gen['a_prime_first_calls_s']:.1f} s, not in the rates)")
+          f"{gen['a_prime_compile_s']:.1f} s (first two calls {gen['a_prime_first_calls_s']:.1f} s, not in the "
+          "rates)")
     if "real_model" in res:
         r = res["real_model"]
         print(f"real model ({r['source']}, LoRA r={r['lora_r']}, batch {r['batch']}, {args.new_tokens} sampled "

@@ -19,7 +19,8 @@ INF = math.inf
 
 # ---- primitives ------------------------------------------------------------------------------------------------
 def test_temperature_and_top_k():
-    torch.testing.assert_close(decode.scale_by_temperature(torch.tensor([[2.0, 4.0]]), 2.0), torch.tensor([[1., 2.]]))
+    halved = decode.scale_by_temperature(torch.tensor([[2.0, 4.0]]), 2.0)
+    torch.testing.assert_close(halved, torch.tensor([[1.0, 2.0]]))
     x = torch.tensor([[1.0, 3.0, 2.0, 3.0]])
     assert torch.equal(decode.top_k_filter(x, 2), torch.tensor([[-INF, 3.0, -INF, 3.0]]))  # ties with the k-th stay
     assert torch.equal(decode.top_k_filter(x, 3), torch.tensor([[-INF, 3.0, 2.0, 3.0]]))
@@ -225,5 +226,6 @@ def test_compiled_step_equals_generate_and_compiles_once():
     assert torch.equal(dec.generate(ids, mask, s), ref)
     first = dec.compile_s
     assert first > 0
-    assert torch.equal(dec.generate(ids[:, 2:], mask[:, 2:], s), hf_generate(model, ids[:, 2:], mask[:, 2:], dict(kw)))
+    narrower = hf_generate(model, ids[:, 2:], mask[:, 2:], dict(kw))
+    assert torch.equal(dec.generate(ids[:, 2:], mask[:, 2:], s), narrower)
     assert dec.compile_s == first, "a narrower prompt reuses the bucketed shapes: no second compilation"

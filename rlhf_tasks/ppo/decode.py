@@ -14,21 +14,18 @@ The output follows `generate`'s contract: sequences [B, P + n] with n <= max_new
 every row emitted EOS, `pad_token_id` after a row's EOS. Greedy output equals `generate`'s token for token; sampled
 tokens come from the same distribution (the exponential race instead of `torch.multinomial`, so the random stream
 is consumed differently). `unsupported_reason` says which models and arguments this does not cover; the hybrid
-engine falls back to `generate` for those.
+engine falls back to `generate` for those (`settings_from_generate_kwargs` for arguments).
 
 Shapes: B = batch, V = vocabulary, L = cache length (bucketed prompt width + max_new_tokens), E = EOS ids.
 """
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 # ---- sampling: small pure functions on one step's logits [B, V] ------------------------------------------------

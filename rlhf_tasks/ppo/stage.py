@@ -90,7 +90,7 @@ def summarize(history: list[dict], total: int, start_step: int, world: int, wall
         vals = [r[k] for r in tail if k in r]
         if vals:
             out[f"{name}_final"] = sum(vals) / len(vals)
-    out["gen_compile_s_total"] = round(sum(r.get("time/gen_compile_s", 0.0) for r in rows), 3)
+    out["gen_compile_s"] = round(sum(r.get("time/gen_compile_s", 0.0) for r in rows), 3)
     for k in ("time/step_s", "time/generation_s", "time/train_s", "gen/tokens_per_s", "samples_per_s"):
         vals = sorted(r[k] for r in rows if k in r)
         if vals:
