@@ -120,14 +120,14 @@ def key_metrics(metrics: dict, limit: int = 4) -> str:
     return ", ".join(f"{k}={_fmt(scalars[k])}" for k in names) + more
 
 
-def checked_plan(args):
-    """(config, store, plan) for run and plan: the config loaded once, every input checked (rlhf_tasks.preflight),
-    the stage keys computed once. Bad input raises a UserError here, before the store is written or anything
-    starts."""
-    from .preflight import checked_plan as check_and_plan
+def plan_from_args(args):
+    """(config, store, plan) for run and plan: the config loaded once, every input checked
+    (`preflight.checked_plan`), the stage keys computed once. Bad input raises a UserError here, before the store is
+    written or anything starts."""
+    from . import preflight
 
     cfg = load_selected_config(args)
-    store, plans = check_and_plan(cfg, args.until)
+    store, plans = preflight.checked_plan(cfg, args.until)
     return cfg, store, plans
 
 
@@ -136,7 +136,7 @@ def cmd_plan(args) -> int:
 
     as_json = getattr(args, "json", False)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # keep stdout pure JSON
-        cfg, store, plans = checked_plan(args)
+        cfg, store, plans = plan_from_args(args)
     if as_json:
         _say(json.dumps([{"stage": p.stage, "status": "cached" if p.cached else "will-run", "key": p.key,
                           "uri": p.uri, "reason": p.reason, "inputs": p.input_uris} for p in plans], indent=1))
@@ -151,7 +151,7 @@ def cmd_run(args) -> int:
     from flows.cli_commands import run_with_prefect, run_without_prefect
     from flows.stage_loop import run_name
 
-    cfg, store, plans = checked_plan(args)
+    cfg, store, plans = plan_from_args(args)
     name = run_name(cfg)
     todo = [p.stage for p in plans if not p.cached]
     _say(f"run {name}: {len(plans) - len(todo)} cached, {len(todo)} to run ({', '.join(todo) or 'nothing'}); "
