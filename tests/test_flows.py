@@ -310,14 +310,14 @@ def test_train_stage_flow_reports_bad_input_so_the_pipeline_does_not_retry(fakes
     cfg = load_config(None, [f"store.url={tmp_path / 'store'}"])
     store = ArtifactStore.from_config(cfg.store)
     sft = stages.plan(cfg, store, "sft")[1]
-    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, "t")), return_state=True)
+    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, tmp_path / "run")), return_state=True)
     assert state.is_failed() and fakes() == ["sft"]
     error = pool_failure("sft", "r (id)", state)
     assert isinstance(error, JobInputError) and not is_retryable(error)
     assert str(error).startswith("sft: fake.jsonl:3:prompt: bad row found inside the sft job (log: ")
     monkeypatch.setenv("FAKE_FAIL_STAGE", "sft")
     monkeypatch.delenv("FAKE_BAD_INPUT_STAGE")
-    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, "t")), return_state=True)
+    state = train_stage(spec=dataclasses.asdict(spec_for(cfg, store, sft, tmp_path / "run")), return_state=True)
     error = pool_failure("sft", "r (id)", state)
     assert state.is_failed() and isinstance(error, StageFailed) and is_retryable(error)
 

@@ -28,7 +28,7 @@ def test_pipeline_parameters_are_the_typed_config_form():
     from flows.pipeline import rlhf_pipeline
 
     schema = parameter_schema(rlhf_pipeline.fn).model_dump()
-    assert set(schema["properties"]) == {"config", "until", "overrides", "stage_plans"}
+    assert set(schema["properties"]) == {"config", "until", "overrides", "stage_plans", "run_folder"}
     defs = schema["definitions"]
     assert {"PipelineConfig", "PPOConfig", "ExecutionConfig"} <= set(defs)
     assert "kl_coef" in defs["PPOConfig"]["properties"]
