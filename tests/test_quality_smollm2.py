@@ -19,7 +19,7 @@ pytestmark = [
                        and not (cache_root() / "models" / "smollm2-135m-instruct" / "config.json").exists(),
                        reason="SmolLM2 not installed (make setup-smollm2)"),
 ]
-STEPS = 16  # PPO experience batches per run (128 sampled answers at the preset's 8 prompts per batch)
+STEPS = 20  # PPO experience batches per run (160 sampled answers at the preset's 8 prompts per batch)
 HELD_OUT = 32
 MARGIN = 0.05  # gold gain (mean of greedy and sampled, 0-1 scale) PPO must exceed; the sign-flipped run must not
 
