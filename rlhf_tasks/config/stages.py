@@ -202,10 +202,14 @@ class EvalConfig(Section):
 
     num_prompts: int = Field(64, ge=1, description="Held-out prompts to score.")
     max_new_tokens: int = Field(32, ge=1, description="Answer length limit.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when do_sample.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling when do_sample; 0 disables.")
+    do_sample: bool = Field(
+        False,
+        description="The primary decoding: sampled (true) or greedy (false). Both are always measured; the primary "
+        "one has the unprefixed summary keys, the sample table and the report's verdict.",
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the sampled answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the sampled answers.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of the sampled answers; 0 disables.")
     num_pairs: int = Field(256, ge=1, description="Held-out reward/eval pairs for the RM's pairwise accuracy.")
     batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts per generation batch.")
     num_samples_in_report: int = Field(8, ge=0, description="Sample prompts shown in the report.")
