@@ -12,11 +12,11 @@ import torch
 
 from ..errors import DataError
 from .batches import epoch_permutation, micro_batch_indices
-from .distributed import all_reduce_sum, barrier, init_distributed, rank_world, seed_rank_streams
+from .distributed import all_reduce_sum, init_distributed, rank_world, seed_rank_streams
 from .engine import build_engine
 from .export import save_hf
-from .metrics import MetricsLogger, peak_memory_mb
-from .resumable import ResumableRun
+from .metrics import peak_memory_mb
+from .resumable import LocalRun, ResumableRun
 
 
 @dataclass
@@ -76,15 +76,13 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
     rank, world = rank_world()
     spe, total = plan_steps(tcfg, task.n_train, world)
     engine = build_engine(task.model, tcfg, total_steps=total, world_size=world)
-    resumable = None if spec is None else ResumableRun(spec, task.name, total, tcfg.keep_checkpoints,
-                                                       every=tcfg.checkpoint_every, started=t_start)
-    if resumable is not None:
-        out_dir = resumable.out_dir
-        logger = resumable.logger
+    if spec is not None:
+        run = ResumableRun(spec, task.name, total, tcfg.keep_checkpoints, every=tcfg.checkpoint_every,
+                           started=t_start)
     else:
-        out_dir = Path(out_dir) if out_dir is not None else None
-        logger = MetricsLogger(out_dir, rank, prefix=task.name, total_steps=total)
-    state = resumable.resume({"model": engine}) if resumable is not None else None
+        run = LocalRun(task.name, total, out_dir, started=t_start)
+    logger = run.logger
+    state = run.resume({"model": engine})
     if state is not None:
         eval_before = state["eval_before"]
     else:
@@ -93,7 +91,7 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
         eval_before = task.evaluate(engine)
         logger.log(0, {f"eval/{k}": v for k, v in eval_before.items()})
 
-    start_step = resumable.start_step if resumable is not None else 0
+    start_step = run.start_step
     tokens_done, train_time = 0, 0.0
     last = {}
     for step in range(start_step + 1, total + 1):
@@ -127,15 +125,14 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
             engine.eval()
             logger.log(step, {f"eval/{k}": v for k, v in task.evaluate(engine).items()})
-        if resumable is not None and resumable.checkpoint_due(step):
-            resumable.checkpoint(step, {"model": engine},
-                                 {"eval_before": eval_before, "epoch": epoch, "position": pos + 1})
+        if run.checkpoint_due(step):
+            run.checkpoint(step, {"model": engine}, {"eval_before": eval_before, "epoch": epoch, "position": pos + 1})
     engine.eval()
     eval_after = task.evaluate(engine)
     logger.log(total, {f"eval/{k}": v for k, v in eval_after.items()})
-    if out_dir is not None:
-        save_hf(engine, task.tokenizer, out_dir, rank, keep_adapter=tcfg.lora.r > 0 and not tcfg.lora.merge)
-    wall_s = resumable.elapsed_s() if resumable is not None else time.time() - t_start
+    if run.out_dir is not None:
+        save_hf(engine, task.tokenizer, run.out_dir, rank, keep_adapter=tcfg.lora.r > 0 and not tcfg.lora.merge)
+    wall_s = run.elapsed_s()
     summary: dict[str, Any] = {"steps": total, "resumed_from_step": start_step, "world_size": world,
                                "wall_s": round(wall_s, 3),
                                "train_tokens_per_s": round(tokens_done / train_time, 2) if train_time else 0.0,
@@ -146,11 +143,5 @@ def fit_task(task: StageTask, *, spec=None, out_dir: str | Path | None = None) -
         summary[f"eval_{k}_before"] = v
     for k, v in eval_after.items():
         summary[f"eval_{k}"] = v
-    if resumable is not None:
-        resumable.commit(summary)
-    else:
-        if out_dir is not None:
-            logger.write(out_dir / "metrics.json", summary)
-        logger.close()
-        barrier()
+    run.commit(summary)
     return TrainResult(engine, summary, logger.history)

@@ -1,4 +1,5 @@
-"""The one resumable-run helper of the stage jobs (SFT, the reward model and PPO all use it).
+"""The one resumable-run helper of the stage jobs (SFT, the reward model and PPO all use it), and `LocalRun`, the
+same interface for a run from Python without a spec or store (nothing to resume, no checkpoints).
 
     run = ResumableRun(spec, "sft", total_steps, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
     state = run.resume(engines)                  # None: start fresh; else the saved state (history restored)
@@ -80,4 +81,33 @@ class ResumableRun:
             print(f"[{self.name}] committed {uri}", flush=True)
             for old in self.checkpoints.steps():
                 self.store.delete(self.checkpoints.kind, self.checkpoints.tag(old))
+        barrier()
+
+
+class LocalRun:
+    """A run without a spec or store (`sft.fit` / `reward.fit` from Python), behind `ResumableRun`'s interface:
+    it starts fresh and never checkpoints; `commit` writes metrics.json into `out_dir` (when given: the HF folder
+    goes there too) instead of committing an artifact."""
+
+    start_step = 0
+
+    def __init__(self, name: str, total_steps: int, out_dir: str | Path | None = None, started: float | None = None):
+        self.rank, self.world = rank_world()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.started = started if started is not None else time.time()
+        self.logger = MetricsLogger(self.out_dir, self.rank, prefix=name, total_steps=total_steps)
+
+    def resume(self, engines: dict[str, Any]) -> None:  # noqa: ARG002 - nothing to resume from
+        return None
+
+    def checkpoint_due(self, step: int) -> bool:  # noqa: ARG002 - checkpoints need a store
+        return False
+
+    def elapsed_s(self) -> float:
+        return time.time() - self.started
+
+    def commit(self, summary: dict) -> None:
+        if self.out_dir is not None:
+            self.logger.write(self.out_dir / "metrics.json", summary)
+        self.logger.close()
         barrier()
