@@ -179,8 +179,8 @@ class PPOConfig(Section):
         "auto",
         description="How the portable hybrid engine generates experience: compiled = our static-KV-cache decode "
         "loop with its decode step torch.compile'd (CUDA graphs on GPU); hf = transformers' generate; auto = the "
-        "decode loop, its step compiled on CUDA and eager on CPU (each measured faster there). Models or settings "
-        "the loop does not cover use generate, with the reason logged.",
+        "decode loop, its step compiled on CUDA and eager on CPU (where compiling takes minutes). Models or "
+        "settings the loop does not cover use generate, with the reason logged.",
     )
     inference_tp_size: int = Field(1, ge=1, description="DeepSpeed HE inference tensor parallelism.")
     tp_gather_partition_size: int = Field(8, ge=1, description="DeepSpeed HE gather partition size.")

@@ -118,8 +118,9 @@ def resolve_generation(setting: str, dev: torch.device) -> tuple[str, bool, str]
     if dev.type == "cuda":
         return "static", True, ("auto on CUDA: static-cache decode loop, step torch.compile'd with CUDA graphs "
                                 "(eager decoding is bound by kernel launches at small batch)")
-    return "static", False, ("auto on CPU: static-cache decode loop with an eager step (measured faster than "
-                             "generate and than a torch.compile'd step; benchmarks/ppo_throughput.py)")
+    return "static", False, ("auto on CPU: static-cache decode loop with an eager step (a torch.compile'd step is "
+                             "faster per token, but compiling it takes minutes on CPU, more than the whole "
+                             "generation time of a small stage; ppo.generation=compiled forces it)")
 
 
 class PortableHybridEngine(HybridEngine):
