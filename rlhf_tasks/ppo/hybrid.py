@@ -27,17 +27,12 @@ from ..errors import ConfigError
 from ..models import pad_token_lists
 from ..training.deepspeed_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
                                            hybrid_engine_tp_size, zero3_gathered_without_hooks)
-from ..training.engine import plain_hf_model
+from ..training.engine import plain_hf_model, trained_module
 from . import decode
 
 log = logging.getLogger(__name__)
 GENERATIONS = ("auto", "hf", "compiled")
 _UNCHECKED = object()
-
-
-def engine_module(engine) -> torch.nn.Module:
-    """The nn.Module inside a DeepSpeed engine (or the module itself); a peft wrapper stays (LoRA merges need it)."""
-    return engine.module if _is_ds_engine(engine) else engine
 
 
 def _is_ds_engine(obj) -> bool:
@@ -52,7 +47,7 @@ def is_zero3(engine) -> bool:
     """True when the model's parameters are ZeRO-3 partitioned (training engine or ZeRO-3 inference engine)."""
     if _is_ds_engine(engine) and engine.zero_optimization_stage() == 3:
         return True
-    return has_zero3_params(engine_module(engine))
+    return has_zero3_params(trained_module(engine))
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +73,7 @@ class HybridEngine:
 
     def __init__(self, engine):
         self.engine = engine
-        self.module = engine_module(engine)
+        self.module = trained_module(engine)
         self.last_gather_s = 0.0
 
     @contextlib.contextmanager
@@ -204,7 +199,7 @@ def inference_forward(engine) -> Iterator[None]:
         if offload is not None and getattr(offload, "device", "none") not in (None, "none"):
             yield  # offloaded parameters: keep DeepSpeed's layer-by-layer fetching (bounded device memory)
             return
-        with zero3_gathered_without_hooks(engine, engine_module(engine)):
+        with zero3_gathered_without_hooks(engine, trained_module(engine)):
             yield
         return
     with engine_hooks_suspended(engine):
