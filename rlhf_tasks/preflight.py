@@ -10,11 +10,13 @@ The checks, in order (cheapest first; each names what to fix):
              local folder with a config.json (a tokenizer: tokenizer files), a store URI of a complete artifact,
              or a hub name whose commit can be resolved (rlhf_tasks.hub, the commit the stage keys record);
   device     what needs an accelerator gets one (config.rules.device_rules with the device the jobs will get);
-  data       every source exists, is readable and parses; every row has the mapped fields with the right types
-             (no NUL characters); no phase is empty (data/stage.validate_sources); one step of each training
-             stage fits in its phase (config.rules.data_fit_rules with the real row counts);
-  lengths    when the data stage will run: every prompt fits `data.max_prompt_len` tokens with the tokenizer the
-             data stage uses (the same check the data job makes, so it never fails there).
+  plan       every source exists and its bytes hash (the data key); the stage keys; what the store has;
+  data       when the data stage will run, ONE pass over the rows with the tokenizer the data stage uses (the
+             same checks the data job makes, so they never fail there): every source parses; every row has the
+             mapped fields with the right types (no NUL characters) and a prompt that fits `data.max_prompt_len`
+             tokens; no phase is empty (data/stage.validate_sources); one step of each training stage fits in its
+             phase (config.rules.data_fit_rules with the counts of that pass). When the data artifact is cached
+             the rows are not read: the fit check uses the row counts in its manifest.
 The cross-field rules that need only the config run when it is loaded (rlhf_tasks/config/rules.py), before this.
 """
 from __future__ import annotations
@@ -177,7 +179,8 @@ def check_data(cfg: PipelineConfig, tokenizer=None) -> None:
 
 
 def check_token_lengths(cfg: PipelineConfig) -> None:
-    """The rows again, tokenized as the data stage will: a prompt over `data.max_prompt_len` fails here."""
+    """The rows validated once, tokenized as the data stage will: a prompt over `data.max_prompt_len` fails here,
+    and the row counts the fit check uses are the rows the data stage will keep."""
     from transformers.utils import logging as hf_logging
 
     from .data.stage import load_data_tokenizer
@@ -190,11 +193,23 @@ def check_token_lengths(cfg: PipelineConfig) -> None:
         hf_logging.set_verbosity(verbosity)
 
 
+def check_cached_data_fit(cfg: PipelineConfig, store: ArtifactStore, data_plan: StagePlan) -> None:
+    """The data artifact is cached: its manifest's row counts (`rows.<phase>.train`) are the rows the training
+    stages will get, so the sources are not read again."""
+    from .data.blend import PHASES
+
+    manifest = store.read_manifest(data_plan.stage, data_plan.key)
+    metrics = manifest.metrics if manifest is not None else {}
+    rows = {ph: metrics[f"rows.{ph}.train"] for ph in PHASES if isinstance(metrics.get(f"rows.{ph}.train"), int)}
+    rules.raise_first(rules.data_fit_rules(cfg, rows, f"the cached data artifact ({data_plan.uri})"))
+
+
 # ---- all of it ------------------------------------------------------------------------------------------
 def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[StagePlan]]:
-    """(store, plan) after every check, cheapest first: the one entry point for run, plan and the flow. Prints
-    the data checks' notes (rows read/valid per source): those of the token-length pass when it ran, which counts
-    what the data stage will keep."""
+    """(store, plan) after every check, cheapest first: the one entry point for run, plan and the flow. The plan
+    comes before the data checks (the data key needs only the sources' content hashes), so the rows are read at
+    most once: with the data stage's tokenizer when the data stage will run (its notes, rows read/valid per
+    source, are printed), not at all when its artifact is cached (the fit check uses the artifact's counts)."""
     from .stages import plan
 
     with contextlib.redirect_stdout(io.StringIO()) as notes:
@@ -205,10 +220,10 @@ def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[S
         store = open_store(cfg.store)  # opening creates nothing; the first commit creates a local store's folder
         if not store.is_local:  # before the data: a store that does not answer fails in seconds
             check_reachable(store)
-        check_data(cfg)
-        plans = plan(cfg, store, until)
-    if not plans[0].cached:  # the data stage will run: its token-length check must not fail inside the job
-        with contextlib.redirect_stdout(io.StringIO()) as notes:
+        plans = plan(cfg, store, until)  # reads the sources' bytes (their hashes), parses nothing
+        if plans[0].cached:
+            check_cached_data_fit(cfg, store, plans[0])
+        else:  # the data stage will run: its checks (token lengths too) must not fail inside the job
             check_token_lengths(cfg)
     print(notes.getvalue(), end="", flush=True)
     return store, plans

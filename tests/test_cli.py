@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 RLHF = [sys.executable, "-m", "rlhf_tasks.cli"]
 
 
@@ -226,3 +228,32 @@ def test_s3_store_is_checked_before_the_data(moto_server, s3_bucket, monkeypatch
     capsys.readouterr()
     assert main(["plan", "--store", f"{s3_bucket}/p", "--until", "data"]) == 0
     assert "will-run" in capsys.readouterr().out
+
+
+def test_a_cached_data_artifact_gives_the_row_counts_without_reading_the_rows(tmp_path, monkeypatch):
+    """With the data artifact cached, the check that one training step fits in its phase uses the row counts in
+    the artifact's manifest: a micro batch one row larger than the cached sft phase is refused (one line, nothing
+    written), and the sources are not read again."""
+    from rlhf_tasks import preflight
+    from rlhf_tasks.config import load_config
+    from rlhf_tasks.data import stage as data_stage
+    from rlhf_tasks.errors import ConfigError
+
+    cfg = load_config(None, [f"store.url={tmp_path / 'store'}"])
+    store, plans = preflight.checked_plan(cfg, "data")
+    assert not plans[0].cached
+    summary = data_stage.prepare(cfg, tmp_path / "data")
+    store.put_dir(tmp_path / "data", "data", plans[0].key, metrics=summary)
+    reads = []
+    monkeypatch.setattr(data_stage, "validate_sources", lambda *a, **k: reads.append(a) or {})
+    sft_rows = summary["rows.sft.train"]
+    sft = ["sft.grad_accum=1", f"store.url={tmp_path / 'store'}"]
+    big = load_config(None, [*sft, f"sft.micro_batch_size={sft_rows + 1}"])
+    with pytest.raises(ConfigError) as ei:
+        preflight.checked_plan(big, "sft")
+    assert f"at most {sft_rows} training rows" in str(ei.value) and "the cached data artifact" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    assert [(kind, key) for kind, key, _ in store.ls()] == [("data", plans[0].key)]
+    fits = load_config(None, [*sft, f"sft.micro_batch_size={sft_rows}"])
+    _, plans = preflight.checked_plan(fits, "sft")
+    assert plans[0].cached and not plans[1].cached and reads == []

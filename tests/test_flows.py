@@ -149,8 +149,8 @@ def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
 
 def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_path, prefect_api, monkeypatch):
     """`rlhf run` checks the inputs and computes the stage keys once and hands the plan to the flow; called with
-    a bare config (the UI, deployments) the flow checks and plans itself. The rows are validated once, and once
-    more with the tokenizer (their lengths) only when the data stage is going to run."""
+    a bare config (the UI, deployments) the flow checks and plans itself. The rows are read once (validated with the
+    tokenizer) when the data stage is going to run, and not at all when its artifact is cached."""
     from rlhf_tasks.data import stage as data_stage
 
     calls = {"plan": 0, "validate": 0}
@@ -168,7 +168,7 @@ def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_p
     monkeypatch.setattr(data_stage, "validate_sources", counted_validate)
     store = tmp_path / "store"
     first = run_cli(store, tmp_path, "--until", "sft")
-    assert statuses(first) == {"data": "ran", "sft": "ran"} and calls == {"plan": 1, "validate": 2}
+    assert statuses(first) == {"data": "ran", "sft": "ran"} and calls == {"plan": 1, "validate": 1}
 
     from flows.pipeline import rlhf_pipeline
 
@@ -176,7 +176,7 @@ def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_p
     record = rlhf_pipeline(config=cfg, until="reward")
     assert {s: v["status"] for s, v in record["stages"].items()} == {"data": "cached", "sft": "cached",
                                                                       "reward": "ran"}
-    assert calls == {"plan": 2, "validate": 3}  # data is cached: no token-length pass
+    assert calls == {"plan": 2, "validate": 1}  # data is cached: the fit check uses its manifest's row counts
     assert fakes() == ["data", "sft", "reward"]
     from rlhf_tasks.errors import ConfigError
     from rlhf_tasks.store import ArtifactStore
