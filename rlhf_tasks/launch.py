@@ -271,6 +271,7 @@ def run_stage(spec, execution, log: Callable[[str], None] = print) -> str:
 
 def _run_stage_locked(spec, execution, store, log: Callable[[str], None]) -> str:
     from .errors import JobInputError, StageFailed, UserError
+    from .stage_main import INPUT_ERROR_FILE
     from .stages import STAGE_DEFS
 
     run_dir = Path(spec.run_dir or Path.cwd() / "rlhf-runs" / f"{spec.stage}-{spec.key}").resolve()
@@ -287,13 +288,18 @@ def _run_stage_locked(spec, execution, store, log: Callable[[str], None]) -> str
         _write_deepspeed_env(env, run_dir / "deepspeed_env")
         env["DS_ENV_FILE"] = str(run_dir / "deepspeed_env")
     log_path = run_dir / f"{spec.stage}.log"
+    input_error = run_dir / INPUT_ERROR_FILE
+    input_error.unlink(missing_ok=True)  # an earlier try's, in a reused run folder
     log(f"[launch] {spec.stage}: {' '.join(cmd)} (log: {log_path})")
     t0 = time.time()
     res = run_job(cmd, env, log=log, timeout_s=execution.timeout_s, log_path=log_path, cwd=run_dir)
+    if input_error.exists():  # bad input found inside the job by any rank, whatever the launcher's exit code
+        said = input_error.read_text().strip() or "bad input (no message)"
+        raise JobInputError(f"{spec.stage}: {said} (log: {log_path})")
     if res.timed_out:
         raise StageFailed(spec.stage, f"timed out after {execution.timeout_s:g} s (log: {log_path})", None,
                           res.tail_text)
-    if res.returncode == UserError.exit_code:  # bad input found inside the job (stage_main prints one line)
+    if res.returncode == UserError.exit_code:  # a job of one process that could not write the file
         said = next((l for l in reversed(res.tail) if l.startswith("error: ")), "error: bad input (no message)")
         raise JobInputError(f"{spec.stage}: {said.removeprefix('error: ').strip()} (log: {log_path})")
     if res.returncode != 0:

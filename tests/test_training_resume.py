@@ -105,3 +105,22 @@ def test_bad_input_in_job_is_a_one_line_input_error(store, data_uri, tmp_path):
     msg = str(ei.value)
     assert "one optimizer step needs 4096" in msg and "micro_batch_size" in msg
     assert "\n" not in msg.strip() and "Traceback" not in msg
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_two_process_job_is_an_input_error(store, data_uri, tmp_path):
+    """The same bad input under torchrun (world size 2): torchrun exits with its own code, not the ranks' 2, so
+    the launcher goes by the marker a rank writes (`input_error.txt` in the run folder): JobInputError, the
+    rank's one line, and no artifact."""
+    from rlhf_tasks.errors import JobInputError
+    from rlhf_tasks.stage_main import INPUT_ERROR_FILE
+
+    cfg = tiny_cfg(["reward.micro_batch_size=2048", "execution.num_procs=2"])
+    spec = make_spec("reward", cfg, store, data_uri, tmp_path / "bad", uuid.uuid4().hex[:24])
+    with pytest.raises(JobInputError) as ei:
+        run_stage(spec, ExecutionConfig(device="cpu", num_procs=2, timeout_s=180), log=lambda line: None)
+    msg = str(ei.value)
+    assert msg.startswith("reward: ") and "one optimizer step needs 4096" in msg and "micro_batch_size" in msg
+    assert "\n" not in msg.strip() and "Traceback" not in msg
+    assert (tmp_path / "bad" / INPUT_ERROR_FILE).read_text().strip() in msg
+    assert not store.exists("reward", spec.key)
