@@ -75,7 +75,7 @@ def run_with_prefect(cfg: PipelineConfig, store: ArtifactStore, plans: list[Stag
         where = f"API {os.environ['PREFECT_API_URL']}"
     else:
         where = "temporary local API for this run (set PREFECT_API_URL to use a server)"
-        api = ephemeral.use(ephemeral.start())  # ours, not Prefect's: see flows/ephemeral.py
+        api = ephemeral.use(ephemeral.start(folder / "prefect-api.log"))  # ours, not Prefect's: flows/ephemeral.py
     echo(f"prefect: {where}; run log {log_path}")
     from .pipeline import rlhf_pipeline
 

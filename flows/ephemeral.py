@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 STARTUP_TIMEOUT_S = 120.0  # migrations on a busy machine take a while
@@ -79,35 +80,29 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def start(attempts: int = 3) -> TemporaryAPI:
-    """Start the server, wait until it answers, register its stop at exit. Must run in the main thread (the death
-    signal fires when the thread that started the server ends)."""
+def start(log_path: str | Path, attempts: int = 3) -> TemporaryAPI:
+    """Start the server (its output appended to `log_path`, not the console), wait until it answers, register its
+    stop at exit. Must run in the main thread (the death signal fires when the thread that started it ends)."""
     from rlhf_tasks.launch import free_port
 
-    last = ""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):  # the free port can be taken before the server binds it
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "flows.ephemeral", "--serve", str(port), str(os.getpid())],
-                                env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "flows.ephemeral", "--serve", str(port), str(os.getpid())],
+                                    env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         server = TemporaryAPI(proc, port)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
             if _healthy(server.api_url):
                 atexit.register(server.stop)
-                threading.Thread(target=_drain, args=(proc,), daemon=True, name="prefect-api-stderr").start()
                 return server
             time.sleep(0.2)
         server.stop()
-        last = (proc.stderr.read() or b"").decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        last = last[0]
-    raise RuntimeError(f"the temporary Prefect API did not start: {last}")
-
-
-def _drain(proc: subprocess.Popen) -> None:
-    """Keep the server's stderr pipe from filling up; pass its lines on (errors only: log level error)."""
-    for raw in iter(proc.stderr.readline, b""):
-        sys.stderr.write(f"[prefect api] {raw.decode('utf-8', 'replace')}")
+    last = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"the temporary Prefect API did not start ({log_path}): {last[0]}")
 
 
 def serve(port: int, parent_pid: int) -> None:

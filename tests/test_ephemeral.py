@@ -12,9 +12,9 @@ from pathlib import Path
 from flows import ephemeral
 
 CALLER = textwrap.dedent("""
-    import os, time, urllib.request
+    import os, sys, time, urllib.request
     from flows import ephemeral
-    server = ephemeral.start()
+    server = ephemeral.start(sys.argv[1])
     print(server.pid, server.api_url, flush=True)
     if os.environ.get("STOP_NORMALLY"):
         raise SystemExit(0)   # atexit stops the server
@@ -39,15 +39,15 @@ def _gone(pid: int, within_s: float = 20.0) -> bool:
     return False
 
 
-def _start_caller(**env):
-    proc = subprocess.Popen([sys.executable, "-c", CALLER], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **env}, start_new_session=True)
+def _start_caller(tmp_path, **env):
+    proc = subprocess.Popen([sys.executable, "-c", CALLER, str(tmp_path / "api.log")], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **env}, start_new_session=True)
     pid, url = proc.stdout.readline().split()
     return proc, int(pid), url
 
 
-def test_server_survives_the_clis_ctrl_c_until_the_cli_exits():
-    proc, server_pid, url = _start_caller()
+def test_server_survives_the_clis_ctrl_c_until_the_cli_exits(tmp_path):
+    proc, server_pid, url = _start_caller(tmp_path)
     try:
         assert ephemeral._healthy(url)
         assert os.getsid(server_pid) == server_pid != os.getsid(proc.pid)  # group signals of the CLI miss it
@@ -60,15 +60,15 @@ def test_server_survives_the_clis_ctrl_c_until_the_cli_exits():
     assert _gone(server_pid), "the temporary Prefect API outlived its CLI"  # stopped at exit
 
 
-def test_sigkilled_caller_takes_the_server_down():
-    proc, server_pid, url = _start_caller()
+def test_sigkilled_caller_takes_the_server_down(tmp_path):
+    proc, server_pid, url = _start_caller(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _gone(server_pid), "the temporary Prefect API outlived a SIGKILLed CLI (reparented to pid 1)"
 
 
-def test_normal_exit_stops_the_server():
-    proc, server_pid, url = _start_caller(STOP_NORMALLY="1")
+def test_normal_exit_stops_the_server(tmp_path):
+    proc, server_pid, url = _start_caller(tmp_path, STOP_NORMALLY="1")
     assert proc.wait(60) == 0
     assert _gone(server_pid)
 
