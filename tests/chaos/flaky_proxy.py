@@ -22,6 +22,7 @@ class FlakyProxy:
         self.target = (target_host, target_port)
         self.on_request: Callable[[str, str], None] | None = None
         self.requests: list[tuple[str, str]] = []
+        self.cut = 0  # connections cut by outages
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -92,6 +93,7 @@ class FlakyProxy:
         old.close()
         with self._lock:
             conns = list(self._conns)
+        self.cut += len(conns) // 2  # a client and its upstream socket
         for s in conns:
             self._drop(s)
         time.sleep(seconds)

@@ -126,6 +126,8 @@ def test_killed_at_random_points_of_every_training_stage_resumes_to_the_same_res
     for stage in TRAINING_STAGES:
         key = reference["keys"][stage]
         assert history_steps(store / stage / key / "metrics.json") == reference["steps"][stage], stage
+        # resuming is exact: the same weights, bit for bit, as the uninterrupted run
+        assert _weights(_file_hashes(store, stage, key)) == _weights(reference["files"][stage]), stage
     for stage in resumed_expected:
         assert re.search(rf"\[{stage}\] resumed from checkpoint step \d+", _logs(runs_dir, stage)), stage
     for stage in ("sft", "reward", "ppo", "eval"):
@@ -156,6 +158,7 @@ def test_two_identical_runs_at_once_on_one_store(reference, tmp_path):
         pids = {name.rsplit(".", 2)[-2] for name in files if "tfevents" in name}
         assert len(pids) <= 1, f"{stage} artifact holds TensorBoard files of {len(pids)} processes: {files}"
     assert history_steps(store / "sft" / reference["keys"]["sft"] / "metrics.json") == reference["steps"]["sft"]
+    assert _weights(_file_hashes(store, "sft", reference["keys"]["sft"])) == _weights(reference["files"]["sft"])
     records = sorted((store / "_prefect").rglob("*"))
     records = [p for p in records if p.is_file()]
     assert records, "no Prefect cache records"
@@ -184,6 +187,7 @@ def test_one_changed_byte_fails_verify_and_the_next_run_recomputes_it(reference,
     assert summary["stages"]["sft"]["status"] == "ran", summary["stages"]
     assert rlhf("store", "verify", f"{store}/sft/{key}").returncode == 0
     assert history_steps(store / "sft" / key / "metrics.json") == reference["steps"]["sft"]
+    assert _weights(_file_hashes(store, "sft", key)) == _weights(reference["files"]["sft"])  # the true weights
 
 
 # ---- S3 (moto on loopback, behind the tests' own flaky proxy) -------------------------------------------------
@@ -252,6 +256,8 @@ def test_sigkill_mid_upload_on_s3_then_resume_and_the_secret_is_nowhere(referenc
     objects = _bucket_objects(s3)
     assert any(k.endswith("manifest.json") for k in objects) and any("/_prefect/" in k for k in objects)
     assert any("/runs/" in k for k in objects)
+    manifest = json.loads(objects[f"chaos/sft/{key}/manifest.json"])
+    assert _weights({f["path"]: f["sha256"] for f in manifest["files"]}) == _weights(reference["files"]["sft"])
     places = {f"s3://{k}": v for k, v in objects.items()}
     prefect_home = Path(os.environ["PREFECT_HOME"])
     assert list(prefect_home.glob("*.db")), "no Prefect database to search"
@@ -272,9 +278,11 @@ def test_s3_unreachable_for_10_s_in_the_middle_of_a_stage(reference, s3, tmp_pat
         _wait_step(run, "sft", reference["steps"]["sft"][1])
         cut = threading.Thread(target=s3["proxy"].outage, args=(10.0,))
         cut.start()
-        rc = run.finish(900)
         cut.join()
+        after_outage = len(s3["proxy"].requests)
+        rc = run.finish(900)
         outcomes.append(rc)
+        assert s3["proxy"].cut >= 1  # the outage cut live connections of the run
         if rc != 0:
             assert rc == 1, run.text
             assert len([x for x in run.err if x.startswith("error:")]) == 1 and "Traceback" not in run.text, run.text
@@ -286,9 +294,13 @@ def test_s3_unreachable_for_10_s_in_the_middle_of_a_stage(reference, s3, tmp_pat
         assert leftovers(run) == []
     finally:
         run.kill_all()
+    assert len(s3["proxy"].requests) > after_outage  # and the stage's uploads went on after it
     print(f"S3 outage outcome (exit codes of the runs): {outcomes}")
     seen = assert_store_sound(s3["url"], env=s3["env"])
     assert seen[f"{s3['url']}/sft/{reference['keys']['sft']}"] == ("ok", 0)
     sft_dir = rlhf("store", "get", f"{s3['url']}/sft/{reference['keys']['sft']}", env=s3["env"])
     assert sft_dir.returncode == 0, sft_dir.stderr
-    assert history_steps(Path(sft_dir.stdout.strip()) / "metrics.json") == reference["steps"]["sft"]
+    local = Path(sft_dir.stdout.strip())
+    assert history_steps(local / "metrics.json") == reference["steps"]["sft"]
+    got = {f["path"]: f["sha256"] for f in json.loads((local / "manifest.json").read_text())["files"]}
+    assert _weights(got) == _weights(reference["files"]["sft"])
