@@ -59,6 +59,8 @@ def owner_info(run: str = "") -> dict:
 
 
 def describe(owner: dict) -> str:
+    if not owner.get("pid"):  # the holder is writing its note right now, or just let go
+        return "another run"
     run = f"run {owner['run']} " if owner.get("run") else ""
     return f"{run}(pid {owner.get('pid')} on {owner.get('host')})"
 
