@@ -185,7 +185,10 @@ def test_one_changed_byte_fails_verify_and_the_next_run_recomputes_it(reference,
         run.kill_all()
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["stages"]["sft"]["status"] == "ran", summary["stages"]
-    assert rlhf("store", "verify", f"{store}/sft/{key}").returncode == 0
+    why = f"{run.text}\n--- sft log ---\n{_logs(tmp_path / 'runs', 'sft')}"
+    assert weights.read_bytes() != bytes(raw), f"the corrupted weights are still there\n{why}"
+    r = rlhf("store", "verify", f"{store}/sft/{key}")
+    assert r.returncode == 0, f"{r.stderr}\n{why}"
     assert history_steps(store / "sft" / key / "metrics.json") == reference["steps"]["sft"]
     assert _weights(_file_hashes(store, "sft", key)) == _weights(reference["files"]["sft"])  # the true weights
 
