@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..training.private_internals import attention_implementation, supports_static_cache
+
 
 # ---- sampling: small pure functions on one step's logits [B, V] ------------------------------------------------
 def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -166,13 +168,13 @@ def unsupported_reason(model) -> str | None:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
         return "not a decoder-only model"
-    if not getattr(model, "_can_compile_fullgraph", False):
+    if not supports_static_cache(model):
         return f"{type(model).__name__} does not support a static cache (_can_compile_fullgraph is False)"
     params = inspect.signature(model.forward).parameters
     missing = [p for p in ("cache", "position_ids", "attention_mask") if p not in params]
     if missing:
         return f"{type(model).__name__}.forward lacks {', '.join(missing)}"
-    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    impl = attention_implementation(cfg)
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r} (the decoder passes a 4D mask: sdpa or eager only)"
     try:
@@ -285,7 +287,7 @@ class StaticDecoder:
         ids = torch.nn.functional.pad(input_ids, (extra, 0), value=s.pad_token_id)
         key_mask = torch.zeros(B, L, dtype=torch.long, device=dev)
         key_mask[:, extra:P + extra] = attention_mask
-        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        impl = attention_implementation(model.config)
         dtype = next(model.parameters()).dtype
         eos_ids = torch.tensor(s.eos_token_ids or [-1], dtype=torch.long, device=dev)
         cache = self._static_cache(B, L, dtype, dev)

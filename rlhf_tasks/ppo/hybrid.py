@@ -25,8 +25,8 @@ import torch
 
 from ..errors import ConfigError
 from ..models import pad_token_lists
-from ..training.deepspeed_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
-                                           hybrid_engine_tp_size, zero3_gathered_without_hooks)
+from ..training.private_internals import (engine_hooks_suspended, has_zero3_params, hybrid_engine_injected,
+                                         hybrid_engine_tp_size, zero3_gathered_without_hooks)
 from ..training.engine import plain_hf_model, trained_module
 from . import decode
 

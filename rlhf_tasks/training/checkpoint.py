@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .deepspeed_internals import weights_only_torch_load
+from .private_internals import weights_only_torch_load
 from .distributed import all_reduce_sum, barrier, broadcast_object, local_first, rank_world
 
 

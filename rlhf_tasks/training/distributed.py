@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..launch import free_port
-from .deepspeed_internals import install_single_process_collectives
+from .private_internals import install_single_process_collectives
 
 
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:

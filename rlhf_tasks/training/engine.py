@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .deepspeed_internals import scope_zero3_linear, skip_single_process_allreduce
+from .private_internals import scope_zero3_linear, skip_single_process_allreduce
 from .distributed import device, rank_world
 
 

@@ -1,8 +1,8 @@
-"""Every place we reach into DeepSpeed's (or torch's) private internals, and nothing else does.
+"""Every place we reach into a library's private internals (DeepSpeed, torch, transformers), and nothing else does.
 
-Each patch lists what it relies on in `RELIES_ON` (dotted names resolved by `missing_internals`) and checks it
-again where it applies; `tests/test_deepspeed_internals.py` asserts every name resolves in the installed DeepSpeed,
-so an upgrade that removes one fails a test, not a user's run. No patch fails soft and silently: when what it
+Each patch or accessor lists what it relies on in `RELIES_ON` (dotted names resolved by `missing_internals`) and
+checks it again where it applies; `tests/test_private_internals.py` asserts every name resolves in the installed
+versions, so an upgrade that removes one fails a test, not a user's run. No patch fails soft and silently: when what it
 relies on is missing it either raises `DeepSpeedInternalsError`, or (where DeepSpeed's unpatched path is still
 correct, only slower; each says which) logs a warning and takes that path. Patches are also applied only on the
 DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the unpatched path runs, with a warning.
@@ -14,6 +14,8 @@ DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the u
   engine_hooks_suspended / zero3_gathered_without_hooks   inference forwards without per-module hooks
                                                                       (fallback: DeepSpeed's hooks run)
   hybrid_engine_injected / _tp_size    DeepSpeed Hybrid Engine: inference layers injected? its TP size (raise)
+  supports_static_cache                transformers: the model compiles with a static cache  (fallback: generate)
+  attention_implementation             transformers: the attention kernel a config selected     (unset: eager)
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ RELIES_ON: dict[str, tuple[str, ...]] = {
                     "deepspeed.runtime.zero.GatheredParameters"),
     "hooks_suspended": ("torch.utils.hooks.RemovableHandle",),
     "hybrid_engine_injected": ("deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine",),
+    "static_cache_support": ("transformers.PreTrainedModel._can_compile_fullgraph",),
+    "attention_implementation": ("transformers.PretrainedConfig._attn_implementation",),
 }
 ENGINE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "skip_single_process_allreduce": ("enable_backward_allreduce",),            # any engine
@@ -430,3 +434,16 @@ def hybrid_engine_tp_size(engine) -> int:
         raise DeepSpeedInternalsError("DeepSpeedHybridEngine._config is gone from this DeepSpeed (use "
                                       "ppo.hybrid_engine=portable)")
     return engine._config.hybrid_engine.inference_tp_size
+
+
+# ---- transformers ---------------------------------------------------------------------------------------------
+def supports_static_cache(model) -> bool:
+    """transformers' own flag (`_can_compile_fullgraph`) for a model whose forward runs with a static cache. Gone
+    (an upgrade): False, and PPO's static decoder is not used (its fallback is `generate`)."""
+    return bool(getattr(model, "_can_compile_fullgraph", False))
+
+
+def attention_implementation(config) -> str:
+    """The attention kernel transformers selected for a model's `config` (`_attn_implementation`: "sdpa",
+    "eager", "flash_attention_2", ...); unset means eager."""
+    return getattr(config, "_attn_implementation", None) or "eager"
