@@ -100,6 +100,21 @@ def tiny_identity(arch: str, shape) -> dict:
     return {"tiny": arch, "shape": shape.model_dump(), "builder": TINY_BUILDER_VERSION, "corpus": corpus}
 
 
+def save_built_model(model, tok, folder: Path) -> None:
+    """Save a model built into the cache, silently: the build can happen inside `rlhf plan`/`run`'s pre-launch
+    check, whose error output must stay one line (transformers would draw a "Writing model shards" bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def ensure_tiny_model(arch: str, shape) -> Path:
     """Build `tiny:<arch>` once into the cache (atomic rename) and return its folder."""
     ident = tiny_identity(arch, shape)
@@ -112,8 +127,7 @@ def ensure_tiny_model(arch: str, shape) -> Path:
     try:
         tok = train_tokenizer(_tiny_corpus(), shape.vocab_size)
         model = build_tiny_model(arch, tok, shape)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_built_model(model, tok, tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race
@@ -149,8 +163,7 @@ def ensure_smollm2() -> Path:
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    save_built_model(model, tok, tmp)
     os.replace(tmp, target)
     return target
 

@@ -31,6 +31,18 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_tiny_build_writes_nothing_to_stderr(tmp_path, monkeypatch, capfd):
+    """A cold cache builds the tiny model inside the pre-launch check, whose error output must stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
+    hf_logging.enable_progress_bar()  # as in a plain `rlhf` process (the tests' environment may disable bars)
+    capfd.readouterr()
+    models.ensure_tiny_model("opt", SHAPE)
+    assert capfd.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is restored
+
+
 def test_model_identity_forms(tmp_path):
     assert models.model_identity("tiny:llama", SHAPE)["tiny"] == "llama"
     sha = "0123456789abcdef0123456789abcdef01234567"  # a pinned commit is used as given (tests/test_stage_keys.py)
