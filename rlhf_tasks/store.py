@@ -354,20 +354,22 @@ class ArtifactStore:
             raise StoreError(f"artifact kind {kind!r} is reserved (the store's {kind}/ folder holds other documents)")
         if self.exists(kind, key):
             return self.uri(kind, key)
-        files = []
+        rels = []
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(local_dir).as_posix()
                 if rel == MANIFEST:
                     continue
                 check_relpath(rel)
-                files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+                rels.append(rel)
         # Leftovers of a crashed upload (no valid manifest), or a corrupted artifact, are removed before writing anew.
         self.delete(kind, key)
-        for f in files:
-            target = f"{base}/{f['path']}"
+        files = []
+        for rel in rels:
+            target = f"{base}/{rel}"
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(local_dir / f["path"]), target)
+            size, sha = self._upload_hashed(local_dir / rel, target)
+            files.append({"path": rel, "size": size, "sha256": sha})
         self._remember_written(base, files)
         manifest = Manifest(
             kind=kind,
@@ -382,6 +384,18 @@ class ArtifactStore:
         self.fs.makedirs(base, exist_ok=True)  # an artifact without files still gets its folder
         self._write_atomic(f"{base}/{MANIFEST}", manifest.to_json())
         return self.uri(kind, key)
+
+    def _upload_hashed(self, src: Path, target: str, chunk: int = 1 << 20) -> tuple[int, str]:
+        """Copy one file into the store and return (size, sha256) of the bytes written. Hashing the bytes as they
+        are written, not the source before the copy, keeps the manifest true even when a writer (a TensorBoard
+        thread still flushing, say) changes the source in between. -> (bytes written, hex digest)"""
+        h, size = hashlib.sha256(), 0
+        with open(src, "rb") as fin, self.fs.open(target, "wb") as fout:
+            for block in iter(lambda: fin.read(chunk), b""):
+                h.update(block)
+                fout.write(block)
+                size += len(block)
+        return size, h.hexdigest()
 
     def _write_atomic(self, path: str, text: str) -> None:
         if self.is_local:

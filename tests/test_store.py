@@ -179,12 +179,13 @@ import os, sys, time
 from pathlib import Path
 from rlhf_tasks.store import ArtifactStore
 store = ArtifactStore(sys.argv[1], endpoint_url=sys.argv[3] or None)
-orig = store.fs.put_file
-def slow_put(lpath, rpath, *a, **k):
-    orig(lpath, rpath, *a, **k)
-    print("uploaded", rpath, flush=True)
+orig = store._upload_hashed
+def slow_upload(src, target, *a, **k):
+    out = orig(src, target, *a, **k)
+    print("uploaded", target, flush=True)
     time.sleep(0.3)
-store.fs.put_file = slow_put
+    return out
+store._upload_hashed = slow_upload
 store.put_dir(Path(sys.argv[2]), "sft", "victim")
 print("DONE", flush=True)
 """
@@ -274,3 +275,35 @@ def test_a_corrupted_local_copy_of_a_remote_artifact_is_fetched_again(s3_store, 
         f.write(bytes([good[0] ^ 1]))
     again = s3_store.get("sft", "k")
     assert again == copy and (again / "model.safetensors").read_bytes() == good == (src / "model.safetensors").read_bytes()
+
+
+def test_manifest_describes_the_bytes_written_while_a_writer_still_appends(any_store, tmp_path):
+    """A file still being written (a TensorBoard thread flushing) while its folder is committed: the manifest must
+    hold the size and sha256 of the bytes that reached the store, so the artifact verifies deeply."""
+    import threading
+    import time
+
+    src = tmp_path / "out"
+    src.mkdir()
+    (src / "model.bin").write_bytes(os.urandom(4 << 20))  # big enough that the upload overlaps the writer
+    events = src / "events.log"
+    events.write_bytes(b"start\n")
+    stop = threading.Event()
+
+    def keep_appending():  # about 1 MiB over a second or more: still writing while put_dir hashes and copies
+        with open(events, "ab", buffering=0) as f:
+            for _ in range(2000):
+                if stop.is_set():
+                    return
+                f.write(b"x" * 512)
+                time.sleep(0.0005)
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        any_store.put_dir(src, "sft", "k-live-writer")
+    finally:
+        stop.set()
+        writer.join()
+    m = any_store.verify("sft", "k-live-writer", deep=True)  # raises ArtifactCorrupt on any mismatch
+    assert {f["path"] for f in m.files} == {"model.bin", "events.log"}
