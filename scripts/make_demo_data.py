@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     task = TASKS[args.task]
     rows = task.generate(args.rows or task.DEFAULT_ROWS, task.DEFAULT_SEED if args.seed is None else args.seed)
-    path = task.write_jsonl(rows, args.out or task.DATA_FILE)
+    path = demo.write_jsonl(rows, args.out or task.DATA_FILE)  # one writer for every shipped task
     print(path)
     print(json.dumps(task.stats(rows), indent=1))
 

@@ -191,13 +191,6 @@ def generate(n: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: list[dict], path: str | Path = DATA_FILE) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return path
-
-
 def stats(rows: list[dict]) -> dict:
     """Mean gold of chosen / rejected answers and how often chosen answers meet each rule (docs and tests)."""
     gc = [gold_score(r["prompt"], r["chosen"]) for r in rows]
@@ -209,5 +202,7 @@ def stats(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    out = write_jsonl(generate())
-    print(out, json.dumps(stats(generate()), indent=1))
+    from .demo import write_jsonl  # the shipped tasks' one JSONL writer
+
+    rows = generate()
+    print(write_jsonl(rows, DATA_FILE), json.dumps(stats(rows), indent=1))

@@ -199,5 +199,5 @@ def stats(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    out = write_jsonl(generate())
-    print(out, json.dumps(stats(generate()), indent=1))
+    rows = generate()
+    print(write_jsonl(rows), json.dumps(stats(rows), indent=1))
