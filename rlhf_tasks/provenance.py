@@ -86,11 +86,17 @@ def import_closure(roots: list[str], package_dir: Path = PACKAGE_DIR, package: s
         seen[mod] = f
         parts = mod.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__ run first
-        for name, level, names in _parse(f)[1]:
-            target = _absolute(name, level, mod, f.name == "__init__.py")
+        for target, names in imports_of(f, mod):
             todo.append(target)
             todo += [f"{target}.{n}" for n in names if n != "*"]  # `from pkg import submodule`
     return seen
+
+
+def imports_of(path: Path, module: str) -> list[tuple[str, tuple[str, ...]]]:
+    """What the source of `module` (at `path`) imports anywhere, top level or inside functions, as
+    (absolute module, names imported from it); `import a.b` gives ("a.b", ())."""
+    is_package = path.name == "__init__.py"
+    return [(_absolute(name, level, module, is_package), names) for name, level, names in _parse(path)[1]]
 
 
 def code_hashes(roots: list[str], package_dir: Path = PACKAGE_DIR, package: str = PACKAGE) -> dict[str, str]:

@@ -77,9 +77,9 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 def _import_graph() -> dict[str, set[str]]:
     """module -> our modules it imports anywhere in its source (top level or inside functions), for rlhf_tasks
     and flows. `from . import x` is an edge to the submodule x, not to the package."""
-    import ast
-
     from conftest import ROOT
+
+    from rlhf_tasks.provenance import imports_of
 
     files = {}
     for pkg in ("rlhf_tasks", "flows"):
@@ -88,18 +88,9 @@ def _import_graph() -> dict[str, set[str]]:
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     graph: dict[str, set[str]] = {m: set() for m in files}
     for mod, f in files.items():
-        package = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                graph[mod] |= {a.name for a in node.names if a.name in files}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
-                for a in node.names:
-                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
-                    if target in files and target != mod:
-                        graph[mod].add(target)
+        for base, names in imports_of(f, mod):
+            targets = [f"{base}.{n}" if f"{base}.{n}" in files else base for n in names] or [base]
+            graph[mod] |= {t for t in targets if t in files and t != mod}
     return graph
 
 
