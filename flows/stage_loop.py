@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, load_config
 from rlhf_tasks.errors import UserError
-from rlhf_tasks.stages import STAGE_DEFS, STAGES, StagePlan, StageSpec, _flatten, make_spec
+from rlhf_tasks.stages import STAGES, StagePlan, StageSpec, _flatten, make_spec
 from rlhf_tasks.store import ArtifactStore, canonical_json, compute_key
 
 RUNS_PREFIX = "runs"
-_NAME_SECTIONS = ("models", *STAGES)  # the config sections that shape results (one per stage)
+_NAME_SECTIONS = ("method", "models", *STAGES)  # what shapes results: the method, models, one section per stage
 
 
 def config_hash(cfg: PipelineConfig) -> str:
@@ -138,7 +138,7 @@ def run_stages(store: ArtifactStore, plans: list[StagePlan],
         echo(f"{p.stage}: cached ({p.key[:12]})" if cached_now else f"{p.stage}: running ({p.reason})")
         t0 = time.monotonic()
         try:
-            uri, extra = run_one(p, cached_now, {n: uris[n] for n in STAGE_DEFS[p.stage].inputs})
+            uri, extra = run_one(p, cached_now, {n: uris[n] for n in p.input_uris})
         except BaseException as e:
             result.stages[p.stage] = stage_entry(store, p, "failed", time.monotonic() - t0)
             result.error = e

@@ -28,7 +28,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store URL (overrides store.url), e.g. ./rlhf-store or s3://b/p")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set ppo.kl_coef=0.05 (repeatable)")
-    p.add_argument("--until", choices=STAGES, default="eval", help="last stage to include")
+    p.add_argument("--until", choices=STAGES, default="eval",
+                   help="last stage to include (one of the config's method's stages)")
 
 
 def load_selected_config(args):
@@ -141,7 +142,10 @@ def cmd_plan(args) -> int:
         _say(json.dumps([{"stage": p.stage, "status": "cached" if p.cached else "will-run", "key": p.key,
                           "uri": p.uri, "reason": p.reason, "inputs": p.input_uris} for p in plans], indent=1))
         return 0
+    from .stages import method_summary
+
     _say(f"plan for {run_name(cfg)} (store {store.url}):")
+    _say(method_summary(cfg, plans))
     print_table(("STAGE", "STATUS", "KEY", "REASON"),
                 [(p.stage, "cached" if p.cached else "will-run", p.key, p.reason) for p in plans])
     return 0

@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
+from .config.methods import eval_inputs, pipeline_stages
 from .provenance import code_hashes, library_versions
 from .store import MISSING, ArtifactStore, compute_key
 
-STAGES = ("data", "sft", "reward", "ppo", "eval")
+STAGES = ("data", "sft", "reward", "ppo", "eval")  # every stage there is; a run has its method's (`plan`)
 
 
 @dataclass(frozen=True)
 class StageDef:
     name: str
-    inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key
+    inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key (eval's: `stage_inputs`)
     module: str  # python module with `run(spec)`; launched as a job
     distributed: bool  # launched under the DeepSpeed launcher (else a plain single process)
 
@@ -31,9 +32,16 @@ STAGE_DEFS: dict[str, StageDef] = {
     "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", True),
     "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", True),
     "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
-    "eval": StageDef("eval", ("data", "sft", "reward", "ppo"), "rlhf_tasks.evaluation.stage", False),
+    "eval": StageDef("eval", (), "rlhf_tasks.evaluation.stage", False),  # inputs by method: config.methods
 }
 JOB_ENTRY = "rlhf_tasks.stage_main"  # every job starts here, then imports its stage module
+
+
+def stage_inputs(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
+    """The upstream stages of `stage` in a run of `cfg`: their keys enter its key, their URIs its spec. Only the
+    eval stage's depend on the config (the policy it compares with SFT is the method's; the reward model only when
+    it scores), and they are given by the method table (config/methods.py)."""
+    return eval_inputs(cfg) if stage == "eval" else STAGE_DEFS[stage].inputs
 
 
 def code_version(stage: str) -> dict[str, str]:
@@ -94,7 +102,7 @@ def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str]
         "code": code_version(stage),
         "libraries": library_versions(),
         "config": config_slice(cfg, stage),
-        "inputs": {name: input_keys[name] for name in STAGE_DEFS[stage].inputs},
+        "inputs": {name: input_keys[name] for name in stage_inputs(cfg, stage)},
     }
     if stage == "data":
         ki["sources"] = fingerprints if fingerprints is not None else data_source_fingerprints(cfg)
@@ -115,15 +123,21 @@ class StagePlan:
 
 
 def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list[StagePlan]:
-    """Compute every stage key in order and check the store. Runs nothing, starts no job."""
-    if until not in STAGES:
+    """Compute the key of every stage of the config's method (`config.methods.pipeline_stages`) in order and
+    check the store. Each StagePlan names its inputs' URIs (`input_uris`: what a scheduler waits for). Runs
+    nothing, starts no job."""
+    active = pipeline_stages(cfg)
+    if until not in active:
         from .errors import ConfigError
 
+        if until in STAGES:
+            raise ConfigError(f"--until: stage {until!r} is not part of method={cfg.method} (its stages: "
+                              f"{', '.join(active)})")
         raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(STAGES)})")
     keys: dict[str, str] = {}
     uris: dict[str, str] = {}
     out: list[StagePlan] = []
-    for stage in STAGES[: STAGES.index(until) + 1]:
+    for stage in active[: active.index(until) + 1]:
         ki = stage_key_inputs(cfg, stage, keys)
         key = compute_key(ki)
         keys[stage], uris[stage] = key, store.uri(stage, key)
@@ -136,8 +150,16 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
         else:
             reason = f"failed verification ({problem}): will recompute"
         out.append(StagePlan(stage, key, uris[stage], cached, reason, ki,
-                             {n: uris[n] for n in STAGE_DEFS[stage].inputs}))
+                             {n: uris[n] for n in stage_inputs(cfg, stage)}))
     return out
+
+
+def method_summary(cfg: PipelineConfig, plans: list[StagePlan]) -> str:
+    """One line for `rlhf plan`: the method, its stages, and which of them the store already has (the artifacts
+    another method's run made are reused when their keys are the same)."""
+    reused = [p.stage for p in plans if p.cached]
+    return (f"method {cfg.method}: {' -> '.join(pipeline_stages(cfg))}; "
+            + (f"reused from the store: {', '.join(reused)}" if reused else "nothing in the store to reuse"))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -172,6 +194,9 @@ def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
     first: list[str] = []
     diffs: list[str] = []
     code: list[str] = []
+    was_in, now_in = list(latest.key_inputs.get("inputs", {})), list(key_inputs.get("inputs", {}))
+    if set(was_in) != set(now_in):  # another method's pipeline (e.g. eval of dpo's policy instead of ppo's)
+        diffs.append(f"inputs {'+'.join(was_in) or 'none'} -> {'+'.join(now_in) or 'none'}")
     for k in sorted(set(old) | set(new)):
         if old.get(k) == new.get(k):
             continue
@@ -187,6 +212,8 @@ def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
         elif k.endswith(".revision") and (f"{parent}.hub" in new or f"{parent}.name" in new):
             name = new.get(f"{parent}.hub") or new.get(f"{parent}.name")
             first.append(f"hub {name} {_short(was)} -> {_short(now)}")
+        elif k.startswith("inputs.") and set(was_in) != set(now_in):
+            continue  # said once above
         elif k.startswith("inputs."):
             diffs.append(f"input {k.split('.', 1)[1]} changed")
         elif k.startswith("sources"):

@@ -26,7 +26,7 @@ from rlhf_tasks.config import LoraConfig, PipelineConfig, PPOConfig, TrainingCon
 ROOT = Path(__file__).resolve().parent.parent
 ANYWHERE = ("rlhf_tasks/", "flows/")
 SECTION_READERS = {
-    "experiment": ANYWHERE, "models": ANYWHERE, "store": ANYWHERE, "execution": ANYWHERE,
+    "experiment": ANYWHERE, "method": ANYWHERE, "models": ANYWHERE, "store": ANYWHERE, "execution": ANYWHERE,
     "data": ("rlhf_tasks/data/",),
     "sft": ("rlhf_tasks/training/",),
     "reward": ("rlhf_tasks/training/",),

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 from ..errors import ConfigError
 from . import rules
 from ._base import Section
+from .methods import METHODS
 from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -102,13 +103,19 @@ class PipelineConfig(Section):
     """Everything a pipeline run needs. The same object is the CLI's config, YAML files and the Prefect form."""
 
     experiment: str = Field("demo", description="Experiment name (flow run names, report titles).")
+    method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]  (the choices are the table's rows)
+        "ppo",
+        description="Step 3's alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
+        "ppo = data -> sft -> reward -> ppo -> eval. Stages a method shares with another (data, sft, reward) have "
+        "the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
+    )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Base models.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="Job placement.")
     data: DataConfig = Field(default_factory=DataConfig, description="Step 0: data blend.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: SFT.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: reward model.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO (method: ppo).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and report.")
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ from .. import models
 from ..config import EvalConfig
 from ..data.artifact import load_phase
 from ..errors import DataError, StoreError
-from ..stages import STAGE_DEFS, commit_stage_output
+from ..stages import commit_stage_output
 from . import generation, metrics
 
 POLICIES = ("sft", "ppo", "ema")  # display order; ema only when the PPO artifact has one
@@ -328,7 +328,7 @@ def run(spec) -> str:
     cfg = spec.pipeline_config()
     ecfg = cfg.eval
     store = spec.open_store()
-    dirs = {name: store.get_uri(spec.inputs[name]) for name in STAGE_DEFS["eval"].inputs if name in spec.inputs}
+    dirs = {name: store.get_uri(uri) for name, uri in spec.inputs.items()}  # the plan's: stages.stage_inputs
     missing = [n for n in ("data", "sft", "reward") if n not in dirs]
     if missing:
         raise DataError(f"eval stage spec has no input(s) {', '.join(missing)}")
