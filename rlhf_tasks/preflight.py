@@ -10,6 +10,8 @@ The checks, in order (cheapest first; each names what to fix):
              local folder with a config.json (a tokenizer: tokenizer files), a store URI of a complete artifact,
              or a hub name whose commit can be resolved (rlhf_tasks.hub, the commit the stage keys record);
   device     what needs an accelerator gets one (config.rules.device_rules with the device the jobs will get);
+  reward_fn  every programmatic reward the run scores with (ppo.reward_fn, eval.reward_fn) imports and is callable
+             (rlhf_tasks.reward_fn; its code hashes enter the stage keys);
   plan       every source exists and its bytes hash (the data key); the stage keys; what the store has;
   data       when the data stage will run, ONE pass over the rows with the tokenizer the data stage uses (the
              same checks the data job makes, so they never fail there): every source parses; every row has the
@@ -167,6 +169,19 @@ def check_device(cfg: PipelineConfig) -> None:
     rules.raise_first(rules.device_rules(cfg, "cpu" if job_accelerator(cfg.execution) == "cpu" else "cuda"))
 
 
+# ---- programmatic rewards -------------------------------------------------------------------------------
+def check_reward_fns(cfg: PipelineConfig) -> None:
+    """Each `package.module:callable` the run's stages score with imports and names a callable: a missing module,
+    a module that fails to import or a missing attribute is one line naming the field."""
+    from .reward_fn import load_reward_fn
+    from .stages import reward_fn_ref
+
+    for stage in ("ppo", "eval"):
+        ref = reward_fn_ref(cfg, stage)
+        if ref is not None:
+            load_reward_fn(ref[1], ref[0])
+
+
 # ---- data -----------------------------------------------------------------------------------------------
 def check_data(cfg: PipelineConfig, tokenizer=None) -> None:
     """Every local source read, mapped and validated row by row; no empty phase; one training step of each stage
@@ -217,6 +232,7 @@ def checked_plan(cfg: PipelineConfig, until: str) -> tuple[ArtifactStore, list[S
         for where, ref in model_refs(cfg).items():
             check_model_ref(where, ref, cfg.models.revision)
         check_device(cfg)
+        check_reward_fns(cfg)
         store = open_store(cfg.store)  # opening creates nothing; the first commit creates a local store's folder
         if not store.is_local:  # before the data: a store that does not answer fails in seconds
             check_reachable(store)

@@ -105,6 +105,31 @@ def code_hashes(roots: list[str], package_dir: Path = PACKAGE_DIR, package: str 
     return {f.relative_to(package_dir).as_posix(): _parse(f)[0] for f in sorted(closure.values())}
 
 
+def module_code_hashes(module: str) -> dict[str, str] | None:
+    """{file: code hash} of any importable module (ours or not) and of the modules of its own top-level package
+    that it imports: the code of a `package.module:callable` reference (a programmatic reward) that a stage key
+    covers. The files are found with `importlib.util.find_spec` of the top-level name, which runs nothing; None
+    when the module is not there."""
+    import importlib.util
+
+    top = module.split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:  # a package: the closure inside it, named from the package down
+        root = Path(next(iter(spec.submodule_search_locations)))
+        closure = import_closure([module], root, top)
+        if module not in closure:
+            return None
+        return {f"{top}/{f.relative_to(root).as_posix()}": _parse(f)[0] for f in sorted(closure.values())}
+    if module != top or not (spec.origin or "").endswith(".py"):
+        return None
+    return {Path(spec.origin).name: _parse(Path(spec.origin))[0]}  # a one-file module is its own closure
+
+
 def library_versions(names: tuple[str, ...] = RESULT_LIBRARIES) -> dict[str, str]:
     """{distribution: installed version, or "not installed"} from package metadata."""
     out = {}

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import PipelineConfig
 from .config.methods import eval_inputs, pipeline_stages
+from .config.rules import CRITIC_FIELDS, CRITIC_FREE
 from .provenance import code_hashes, library_versions
 from .store import MISSING, ArtifactStore, compute_key
 
@@ -32,6 +33,9 @@ STAGE_DEFS: dict[str, StageDef] = {
     "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", True),
     "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", True),
     "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
+    # critic-free step 3, the same stage module (its job reads the method from the stage name)
+    "grpo": StageDef("grpo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
+    "rloo": StageDef("rloo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
     "eval": StageDef("eval", (), "rlhf_tasks.evaluation.stage", False),  # inputs by method: config.methods
 }
 JOB_ENTRY = "rlhf_tasks.stage_main"  # every job starts here, then imports its stage module
@@ -76,6 +80,9 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
                 "num_procs": cfg.execution.num_procs}
     if stage == "ppo":
         return {"ppo": cfg.ppo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
+    if stage in CRITIC_FREE:  # the critic's settings do not shape a critic-free run: not in its key
+        ppo = {k: v for k, v in cfg.ppo.model_dump(mode="json").items() if k not in CRITIC_FIELDS}
+        return {"ppo": ppo, "num_procs": cfg.execution.num_procs}
     if stage == "eval":
         return {"eval": cfg.eval.model_dump(mode="json")}
     raise KeyError(stage)
@@ -86,6 +93,15 @@ def hub_pins(key_inputs: dict) -> dict[str, str]:
     even if the repo moved between the plan and the job's start (a queued GPU job can start hours later)."""
     return {v["hub"]: v["revision"] for v in key_inputs.get("config", {}).values()
             if isinstance(v, dict) and isinstance(v.get("hub"), str) and isinstance(v.get("revision"), str)}
+
+
+def reward_fn_ref(cfg: PipelineConfig, stage: str) -> tuple[str, str] | None:
+    """(config field, `package.module:callable`) of the programmatic reward a stage scores with, if any."""
+    if stage in ("ppo", *CRITIC_FREE) and cfg.ppo.reward != "rm" and cfg.ppo.reward_fn:
+        return "ppo.reward_fn", cfg.ppo.reward_fn
+    if stage == "eval" and cfg.eval.reward_fn:
+        return "eval.reward_fn", cfg.eval.reward_fn
+    return None
 
 
 def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
@@ -106,6 +122,11 @@ def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str]
     }
     if stage == "data":
         ki["sources"] = fingerprints if fingerprints is not None else data_source_fingerprints(cfg)
+    fn = reward_fn_ref(cfg, stage)
+    if fn is not None:  # code outside the stage's import closure (imported by name): its own code hashes
+        from .reward_fn import code_identity
+
+        ki["reward_fn"] = code_identity(fn[1], fn[0])
     return ki
 
 
@@ -204,6 +225,8 @@ def explain_change(store: ArtifactStore, stage: str, key_inputs: dict) -> str:
         parent = k.rsplit(".", 1)[0]
         if k == "code" or k.startswith("code."):
             code.append(k.removeprefix("code").lstrip(".") or "?")
+        elif k.startswith("reward_fn.code."):
+            code.append("reward_fn " + k.removeprefix("reward_fn.code."))
         elif k.startswith("libraries."):
             if "libraries" in latest.key_inputs:
                 first.append(f"{k.split('.', 1)[1]} {was} -> {now}")

@@ -8,6 +8,7 @@ two that need facts known only then: the device the jobs get (`device_rules`) an
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -36,16 +37,19 @@ def ppo_rules(ppo: PPOConfig) -> list[Violation]:
     DeepSpeed steps the optimizer on its own micro-step counter (every mini_batch_size / micro_batch_size
     micro-steps), so a partial mini-batch would spill its gradients into the next update."""
     out = []
-    rows = ppo.prompt_batch_size * ppo.generation_batches
-    buffer = f"ppo.prompt_batch_size x ppo.generation_batches ({ppo.prompt_batch_size} x {ppo.generation_batches})"
+    rows = ppo.prompt_batch_size * ppo.samples_per_prompt * ppo.generation_batches
+    factors = {"ppo.prompt_batch_size": ppo.prompt_batch_size, "ppo.samples_per_prompt": ppo.samples_per_prompt,
+               "ppo.generation_batches": ppo.generation_batches}
+    if ppo.samples_per_prompt == 1:  # one answer per prompt (DS-Chat's PPO): the buffer is named as it always was
+        del factors["ppo.samples_per_prompt"]
+    buffer = f"{' x '.join(factors)} ({' x '.join(str(v) for v in factors.values())})"
+    sizes = ("ppo.mini_batch_size", "ppo.prompt_batch_size", "ppo.samples_per_prompt", "ppo.generation_batches")
     if ppo.mini_batch_size > rows:
-        out.append(Violation(("ppo.mini_batch_size", "ppo.prompt_batch_size", "ppo.generation_batches"),
-                             f"ppo.mini_batch_size ({ppo.mini_batch_size}) is larger than one experience buffer, "
-                             f"{buffer} = {rows} rows"))
+        out.append(Violation(sizes, f"ppo.mini_batch_size ({ppo.mini_batch_size}) is larger than one experience "
+                                    f"buffer, {buffer} = {rows} rows"))
     elif rows % ppo.mini_batch_size:
-        out.append(Violation(("ppo.mini_batch_size", "ppo.prompt_batch_size", "ppo.generation_batches"),
-                             f"{buffer} = {rows} rows must be a multiple of ppo.mini_batch_size "
-                             f"({ppo.mini_batch_size})"))
+        out.append(Violation(sizes, f"{buffer} = {rows} rows must be a multiple of ppo.mini_batch_size "
+                                    f"({ppo.mini_batch_size})"))
     for name in ("actor", "critic"):
         micro = min(getattr(ppo, name).micro_batch_size, ppo.mini_batch_size)
         if ppo.mini_batch_size % micro:
@@ -59,7 +63,51 @@ def ppo_rules(ppo: PPOConfig) -> list[Violation]:
     if ppo.ema_decay is not None and ppo.actor.lora.r > 0:
         out.append(Violation(("ppo.ema_decay", "ppo.actor.lora.r"),
                              "ppo.ema_decay with LoRA on the actor (ppo.actor.lora.r > 0) is not supported"))
+    if ppo.reward != "rm" and ppo.reward_fn is None:
+        out.append(Violation(("ppo.reward", "ppo.reward_fn"),
+                             f"ppo.reward={ppo.reward} needs ppo.reward_fn (package.module:callable, e.g. "
+                             "rlhf_tasks.data.demo:gold_score)"))
+    if ppo.reward == "rm" and ppo.reward_fn is not None:
+        out.append(Violation(("ppo.reward_fn", "ppo.reward"),
+                             f"ppo.reward_fn ({ppo.reward_fn}) is unused with ppo.reward=rm; set ppo.reward=fn or "
+                             "rm+fn"))
+    if ppo.kl_in == "loss" and ppo.adaptive_kl:
+        out.append(Violation(("ppo.adaptive_kl", "ppo.kl_in"),
+                             "ppo.adaptive_kl steers the KL penalty in the reward (ppo.kl_coef); with "
+                             "ppo.kl_in=loss the KL term's coefficient is the fixed ppo.kl_loss_coef"))
     return out
+
+
+CRITIC_FREE = ("grpo", "rloo")  # step-3 methods without a critic: the baseline is the prompt's other answers
+# PPO fields that configure only the critic (or GAE's lambda): ignored by grpo/rloo and left out of their stage key
+CRITIC_FIELDS = ("critic", "critic_lr", "cliprange_value", "vf_coef", "critic_from_reward", "critic_warmup_steps",
+                 "lam")
+
+
+def step3_rules(method: str, ppo: PPOConfig) -> list[Violation]:
+    """What the step-3 method asks of the ppo section: grpo/rloo compare the answers to one prompt, so they need
+    at least two per prompt."""
+    if method in CRITIC_FREE and ppo.samples_per_prompt < 2:
+        return [Violation(("ppo.samples_per_prompt", "method"),
+                          f"method={method} needs ppo.samples_per_prompt >= 2 (its baseline is the other answers "
+                          f"to the same prompt), got {ppo.samples_per_prompt}")]
+    return []
+
+
+def needs_reward_model(method: str, ppo: PPOConfig) -> bool:
+    """Whether step 3 reads the reward stage's artifact: to score answers (ppo.reward rm or rm+fn), or, for PPO,
+    to initialise the critic from it (ppo.critic_from_reward)."""
+    return ppo.uses_reward_model or (method not in CRITIC_FREE and ppo.critic_from_reward)
+
+
+_CALLABLE_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def check_callable_ref(ref: str | None) -> str | None:
+    """A `package.module:callable` reference is well formed (whether it imports is preflight's check)."""
+    if ref is not None and not _CALLABLE_REF.fullmatch(ref):
+        raise ValueError(f"{ref!r} is not package.module:callable (e.g. rlhf_tasks.data.demo:gold_score)")
+    return ref
 
 
 def tiny_model_rules(tiny: TinyModelConfig) -> list[Violation]:

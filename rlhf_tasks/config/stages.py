@@ -133,7 +133,14 @@ class PPOConfig(Section):
     actor_lr: float = Field(1e-5, gt=0, description="Actor peak learning rate.")
     critic_lr: float = Field(5e-6, gt=0, description="Critic peak learning rate.")
     prompt_batch_size: int = Field(
-        8, ge=1, le=MAX_BATCH, description="Prompts per experience batch (per process)."
+        8, ge=1, le=MAX_BATCH,
+        description="Prompts per experience batch (per process); each is answered samples_per_prompt times.",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, le=MAX_BATCH,
+        description="Answers sampled per prompt: every prompt is repeated this many times in the generation "
+        "batch, so an experience batch holds prompt_batch_size x samples_per_prompt rows. grpo/rloo need >= 2 (the "
+        "baseline of an answer is the other answers to its prompt); ppo works with any (1: DS-Chat's).",
     )
     generation_batches: int = Field(
         1, ge=1, le=MAX_BATCH, description="Experience batches collected before training on them."
@@ -142,7 +149,7 @@ class PPOConfig(Section):
     mini_batch_size: int = Field(
         8, ge=1, le=MAX_BATCH,
         description="Sequences per PPO update (per process); the experience buffer (prompt_batch_size x "
-        "generation_batches) must be a whole number of mini-batches.",
+        "samples_per_prompt x generation_batches) must be a whole number of mini-batches.",
     )
     total_steps: int | None = Field(None, ge=1, description="Stop after this many experience batches (null: epochs).")
     epochs: int = Field(1, ge=1, description="Passes over the PPO prompt set.")
@@ -151,11 +158,37 @@ class PPOConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use logits / temperature).")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    kl_coef: float = Field(0.1, ge=0, description="Initial beta of the per-token KL penalty (k1).")
+    kl_coef: float = Field(
+        0.1, ge=0, description="Initial beta of the per-token KL penalty (k1) in the reward (ppo.kl_in=reward)."
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="Where the KL to the reference (the SFT policy) goes. reward: a per-token k1 penalty "
+        "kl_coef x (logp - logp_ref) in the reward, as DS-Chat's PPO (adaptive_kl may steer kl_coef); loss: a "
+        "per-token k3 term kl_loss_coef x KL in the policy loss, as GRPO (the reward then has no KL term).",
+    )
+    kl_loss_coef: float = Field(
+        0.04, ge=0, description="Coefficient of the per-token k3 KL term in the policy loss (ppo.kl_in=loss)."
+    )
     adaptive_kl: bool = Field(False, description="Ziegler adaptive KL controller instead of a fixed beta.")
     kl_target: float = Field(6.0, gt=0, description="Target KL of the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller.")
-    reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to +-this.")
+    reward: Literal["rm", "fn", "rm+fn"] = Field(
+        "rm",
+        description="What scores an answer. rm: the reward model (the reward stage's artifact); fn: "
+        "ppo.reward_fn alone (no reward model is loaded; with method grpo/rloo the reward stage does not run for "
+        "step 3); rm+fn: the reward model's score plus reward_fn_weight x the function's.",
+    )
+    reward_fn: str | None = Field(
+        None,
+        description="A programmatic reward `package.module:callable` (ppo.reward fn or rm+fn), called per answer as "
+        "callable(prompt, response, **fields) -> float: prompt is the raw prompt, response the decoded answer, "
+        "fields the data row's chosen, rejected, gold, source and row, passed to the parameters the callable "
+        "names (all of them with **kwargs). Its module's code enters the stage key. Shipped example: "
+        "rlhf_tasks.data.demo:gold_score (the demo's gold scorer).",
+    )
+    reward_fn_weight: float = Field(1.0, description="Multiplies the value of ppo.reward_fn (fn and rm+fn).")
+    reward_clip: float = Field(5.0, gt=0, description="Clip the score (RM, function or both) to +-this.")
     whiten_rewards: bool = Field(False, description="Whiten scores per batch (without adding the mean back).")
     missing_eos_penalty: float | None = Field(
         1.0, description="Subtracted from the score of answers that end without EOS; null disables."
@@ -165,7 +198,16 @@ class PPOConfig(Section):
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss coefficient.")
-    whiten_advantages: bool = Field(True, description="Masked whitening of advantages per batch.")
+    whiten_advantages: bool | None = Field(
+        None,
+        description="Masked whitening of advantages per batch; null: on for ppo (GAE advantages), off for "
+        "grpo/rloo (their advantages are already baselined per prompt).",
+    )
+    group_std: bool = Field(
+        True,
+        description="grpo: divide each prompt's centred scores by their std (false: centring only, as Dr. GRPO, "
+        "which does not up-weight prompts whose answers score alike).",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the actor (DS-Chat: 0.992).")
     ptx_coef: float = Field(0.0, ge=0, description="Pretraining LM loss coefficient (DS-Chat's unsup_coef); 0 off.")
     critic_from_reward: bool = Field(True, description="Initialise the critic from the reward model.")
@@ -191,6 +233,16 @@ class PPOConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept per stage key (older pruned).")
     log_every: int = Field(1, ge=1, description="Print metrics every N steps (every step is recorded).")
 
+    @field_validator("reward_fn")
+    @classmethod
+    def _reward_fn_ref(cls, v: str | None) -> str | None:
+        return rules.check_callable_ref(v)
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """Whether answers are scored by the reward model (else by the function alone)."""
+        return self.reward in ("rm", "rm+fn")
+
     @model_validator(mode="after")
     def _batches_align(self):
         rules.reject(rules.ppo_rules(self))
@@ -214,6 +266,17 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts per generation batch.")
     num_samples_in_report: int = Field(8, ge=0, description="Sample prompts shown in the report.")
     seed: int = Field(1234, description="Seed for prompt selection and sampling.")
+    reward_fn: str | None = Field(
+        None,
+        description="Also score every answer with this programmatic reward (`package.module:callable`, called as "
+        "ppo.reward_fn is): per policy fn_<policy> (mean, std) and win_rate_fn[_<policy>] vs SFT. Its module's "
+        "code enters the eval key.",
+    )
+
+    @field_validator("reward_fn")
+    @classmethod
+    def _reward_fn_ref(cls, v: str | None) -> str | None:
+        return rules.check_callable_ref(v)
 
 
 __all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "PPOModelConfig", "PPOConfig", "EvalConfig",

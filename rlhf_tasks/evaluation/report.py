@@ -94,10 +94,12 @@ def comparison_rows(summary: dict) -> list[dict[str, str]]:
 
     spec: list[tuple[str, Callable[[str, str], str]]] = [
         ("reward-model score (mean ± std)", lambda p, pre: _pm(summary, f"{pre}rm_{p}")),
+        ("reward function score (mean ± std)", lambda p, pre: _pm(summary, f"{pre}fn_{p}")),
         ("gold score (mean ± std)", lambda p, pre: _pm(summary, f"{pre}gold_{p}")),
         ("gold − SFT's, mean [95% paired bootstrap CI]", gain),
         ("sign test p, gold vs SFT", lambda p, pre: vs_sft("gold_sign_p", p, pre, 4)),
         ("win rate vs SFT, reward model", lambda p, pre: vs_sft("win_rate_rm", p, pre)),
+        ("win rate vs SFT, reward function", lambda p, pre: vs_sft("win_rate_fn", p, pre)),
         ("win rate vs SFT, gold", lambda p, pre: vs_sft("win_rate_gold", p, pre)),
         ("KL to reference (SFT), nats/answer", lambda p, pre: _pm(summary, f"{pre}kl_{p}_ref")),
         ("exact per-token KL to reference, nats/answer", lambda p, pre: _fmt(summary.get(f"{pre}kl_{p}_ref_exact"))),

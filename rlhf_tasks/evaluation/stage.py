@@ -1,8 +1,8 @@
 """Evaluation stage: compare the SFT and PPO policies (and the EMA actor when kept) on held-out prompts.
 
 Inputs (spec.inputs): `data`, `sft`, `reward`, `ppo` artifact URIs. For each policy, greedy and seeded sampled
-answers to the data artifact's ppo/eval prompts are scored by the reward model and, where a row names one, by the
-gold scorer. The summary has, per decoding, mean/std of each score, PPO-vs-SFT win rates and the paired gold
+answers to the data artifact's ppo/eval prompts are scored by the reward model, where a row names one by the gold
+scorer, and by `eval.reward_fn` when set. The summary has, per decoding, mean/std of each score, PPO-vs-SFT win rates and the paired gold
 difference with its bootstrap interval and sign test, KL of the PPO policy to the reference (the SFT policy) on
 its own answers, response length, EOS rate, distinct-1/2 and repetition rate (collapse and reward hacking show
 there), and the reward model's pairwise accuracy on the held-out reward/eval pairs. The config's decoding
@@ -47,6 +47,7 @@ class PolicyResult:
     eos: list[bool]
     kl: list[float] | None = None  # to the reference, sampled-token (k1) estimate (None for the reference)
     kl_exact: list[float] | None = None  # to the reference, exact per-token KL summed over the answer
+    fn: list[float] | None = None  # eval.reward_fn's score of each answer (None: no reward function)
 
     @property
     def lengths(self) -> list[int]:
@@ -130,6 +131,7 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
     rm_tok = models.load_tokenizer(str(inputs.reward_dir), padding_side="right")
     rm = models.load_score_model(str(inputs.reward_dir), dropout=0.0).to(device)
     rm.eval()
+    score_fn = reward_fn_scorer(ecfg, rows, raw_prompts)
 
     results: dict[str, dict[str, PolicyResult]] = {d: {} for d in decodings(ecfg)}
     reference = None
@@ -153,7 +155,8 @@ def evaluate(inputs: EvalInputs, ecfg: EvalConfig, device: torch.device | None =
                 kl, kl_exact = generation.kl_to_reference(
                     model, reference, prompt_ids, resp, pad_id=tok.pad_token_id, batch_size=ecfg.batch_size,
                     device=device, temperature=ecfg.temperature if sample else 1.0)
-            results[decoding][name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl, kl_exact)
+            results[decoding][name] = PolicyResult(name, resp, texts, rm_scores, gold, eos, kl, kl_exact,
+                                                   score_fn(texts) if score_fn is not None else None)
             log(f"eval: {name} ({decoding}): {len(resp)} answers, rm {metrics.mean_std(rm_scores)[0]:.4f}"
                 + (f", kl {metrics.mean_std(kl)[0]:.4f}" if kl is not None else ""))
         log(f"eval: {name} done ({time.time() - t0:.1f}s)")
@@ -187,6 +190,18 @@ def _rm_scores(rm, rm_tok, pol_tok, prompt_ids, prompt_texts, resp, texts, batch
     return generation.score(rm, seqs, pad_id=rm_tok.pad_token_id, batch_size=batch_size, device=device)
 
 
+def reward_fn_scorer(ecfg: EvalConfig, rows, prompts: list[str]) -> Callable[[list[str]], list[float]] | None:
+    """`eval.reward_fn` as answers -> scores for the evaluated rows (their raw prompts and row fields), or None."""
+    if not ecfg.reward_fn:
+        return None
+    from ..reward_fn import ROW_FIELDS, load_reward_fn
+
+    fn = load_reward_fn(ecfg.reward_fn, "eval.reward_fn")
+    cols = {k: list(rows[k]) for k in ROW_FIELDS if k in rows.column_names}
+    fields = [{k: v[i] for k, v in cols.items()} for i in range(len(prompts))]
+    return lambda texts: [fn(p, t, f) for p, t, f in zip(prompts, texts, fields)]
+
+
 _GOLD_CACHE: dict[str, Callable[[str, str], float]] = {}
 
 
@@ -208,9 +223,9 @@ def gold_scores(names: list[str | None], prompts: list[str], responses: list[str
 def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
     """Flat summary of one decoding: per policy rm/gold mean+std, length, EOS rate, answer diversity, KL; each
     non-SFT policy's win rates and paired gold difference vs SFT.
-    Keys: rm_<p>, rm_<p>_std, gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, distinct1_<p>, distinct2_<p>,
+    Keys: rm_<p>, rm_<p>_std, fn_<p>, fn_<p>_std (eval.reward_fn), gold_<p>, gold_<p>_std, len_<p>, eos_rate_<p>, distinct1_<p>, distinct2_<p>,
     repetition_<p>, kl_<p>_ref (+_std; the k1 estimate on the policy's own answers), kl_<p>_ref_exact (exact
-    per-token KL summed over the answer), win_rate_rm[_<p>], win_rate_gold[_<p>], gold_gain[_<p>] (mean paired
+    per-token KL summed over the answer), win_rate_rm[_<p>], win_rate_fn[_<p>], win_rate_gold[_<p>], gold_gain[_<p>] (mean paired
     gold difference vs SFT) with gold_gain[_<p>]_ci_low/_ci_high (95% paired bootstrap interval) and
     gold_sign_p[_<p>] (two-sided sign test); the suffix is omitted for ppo. Values that cannot be computed are
     left out."""
@@ -220,6 +235,8 @@ def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
         s[f"distinct2_{name}"] = metrics.distinct_n(r.responses, 2)
         s[f"repetition_{name}"] = metrics.repetition_rate(r.responses)
         s[f"rm_{name}"], s[f"rm_{name}_std"] = metrics.mean_std(r.rm)
+        if r.fn is not None:
+            s[f"fn_{name}"], s[f"fn_{name}_std"] = metrics.mean_std(r.fn)
         gold = [g for g in r.gold if g is not None]
         if gold:
             s[f"gold_{name}"], s[f"gold_{name}_std"] = metrics.mean_std(gold)
@@ -235,6 +252,8 @@ def summarize(results: dict[str, PolicyResult]) -> dict[str, float]:
             continue
         suffix = "" if name == "ppo" else f"_{name}"
         s[f"win_rate_rm{suffix}"] = metrics.win_rate(r.rm, base.rm)
+        if r.fn is not None and base.fn is not None:
+            s[f"win_rate_fn{suffix}"] = metrics.win_rate(r.fn, base.fn)
         pairs = [(a, b) for a, b in zip(r.gold, base.gold) if a is not None and b is not None]
         if pairs:
             ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
@@ -265,6 +284,8 @@ def _rm_accuracy(data_dir: Path, rm, rm_tok, ecfg: EvalConfig, device) -> dict[s
 
 def _answer_record(r: PolicyResult, i: int) -> dict:
     rec = {"response": r.responses[i], "rm": r.rm[i], "gold": r.gold[i], "length": r.lengths[i], "eos": r.eos[i]}
+    if r.fn is not None:
+        rec["fn"] = r.fn[i]
     if r.kl is not None:
         rec["kl"] = r.kl[i]
     if r.kl_exact is not None:

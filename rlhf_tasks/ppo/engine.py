@@ -5,6 +5,8 @@
 - critic: per-token values (a score model, initialised from the reward model by default), trainable (`ppo.critic`).
 - reward: frozen score model, no optimizer; ZeRO-3 when the critic is.
 - ema: optional exponential moving average of the actor's weights (`ppo.ema_decay`, DS-Chat 0.992), kept on rank 0.
+Critic-free RL (grpo, rloo) builds no critic (`with_critic=False`: no engine, no optimizer, no memory for it), and
+a programmatic reward alone (`ppo.reward: fn`) no reward model (`reward=None`).
 Dropout is off in all of them (ref/reward always; actor/critic unless `ppo.<model>.dropout` says otherwise).
 """
 from __future__ import annotations
@@ -145,10 +147,12 @@ class RLHFEngine:
 
     Models may be given as modules or as paths (HF folders / artifacts); `critic=None` initialises the critic from
     the reward model (`config.critic_from_reward`, else from the actor with a new value head), `ref=None` copies
-    the starting actor. `total_steps` is the number of experience steps (for the LR schedules)."""
+    the starting actor. `with_critic=False` builds no critic at all (`self.critic` is None: GRPO, RLOO);
+    `reward=None` no reward model (`self.reward` is None: answers scored by a function alone). `total_steps` is
+    the number of experience steps (for the LR schedules)."""
 
     def __init__(self, actor, reward, critic=None, ref=None, tokenizer=None, config: PPOConfig | None = None, *,
-                 total_steps: int | None = None, world_size: int | None = None):
+                 total_steps: int | None = None, world_size: int | None = None, with_critic: bool = True):
         self.config = cfg = config or PPOConfig()
         self.rank, world = init_distributed()
         self.world_size = world_size or world
@@ -163,21 +167,28 @@ class RLHFEngine:
 
         seed_everything(cfg.seed)
         actor_m = _as_module(actor, load_causal_lm)
-        reward_m = _as_module(reward, load_score_model)
-        if critic is None:
+        reward_m = _as_module(reward, load_score_model) if reward is not None else None
+        if not with_critic:
+            critic = None
+        elif critic is None:
             if cfg.critic_from_reward:
+                if reward_m is None:
+                    raise ConfigError("RLHFEngine: ppo.critic_from_reward needs a reward model (pass reward, or "
+                                      "set critic_from_reward=false)")
                 critic = reward_path if reward_path else copy.deepcopy(reward_m)
             elif actor_path:
                 critic = actor_path
             else:
                 raise ConfigError("RLHFEngine: critic_from_reward=false needs the actor as a path (or pass critic)")
-        critic_m = _as_module(critic, load_score_model)
+        critic_m = _as_module(critic, load_score_model) if with_critic else None
         ref_m = copy.deepcopy(actor_m) if ref is None else _as_module(ref, load_causal_lm)
 
         set_dropout(ref_m, 0.0)
-        set_dropout(reward_m, 0.0)
+        if reward_m is not None:
+            set_dropout(reward_m, 0.0)
         set_dropout(actor_m, cfg.actor.dropout if cfg.actor.dropout is not None else 0.0)
-        set_dropout(critic_m, cfg.critic.dropout if cfg.critic.dropout is not None else 0.0)
+        if critic_m is not None:
+            set_dropout(critic_m, cfg.critic.dropout if cfg.critic.dropout is not None else 0.0)
 
         self.steps_total = total_steps or cfg.total_steps or 1000
         opt_steps = self.steps_total * updates_per_batch(cfg)
@@ -195,17 +206,24 @@ class RLHFEngine:
                                            cfg.pin_parameters)
         self.actor = build_engine(actor_m, actor_t, total_steps=opt_steps, world_size=self.world_size,
                                   extra_config=he_extra)
-        critic_m = apply_lora(critic_m, cfg.critic.lora)
-        self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, total_steps=opt_steps,
-                                   world_size=self.world_size)
+        self.critic = None
+        if critic_m is not None:
+            critic_m = apply_lora(critic_m, cfg.critic.lora)
+            self.critic = build_engine(ScoreHead(critic_m, "tokens"), critic_t, total_steps=opt_steps,
+                                       world_size=self.world_size)
         ref_t = actor_t.model_copy(update={"offload": cfg.offload_reference or actor_t.offload})
-        reward_t = critic_t.model_copy(update={"offload": cfg.offload_reward or critic_t.offload})
+        # the frozen reward model shares the critic's ZeRO settings (ZeRO-3 when the critic is); without a critic
+        # the actor's (ZeRO-3 when the actor is)
+        reward_t = (critic_t if with_critic else actor_t).model_copy(
+            update={"offload": cfg.offload_reward or (critic_t if with_critic else actor_t).offload})
         self.ref = build_engine(ref_m, ref_t, world_size=self.world_size, trainable=False)
-        self.reward = build_engine(ScoreHead(reward_m, "sequence"), reward_t, world_size=self.world_size,
-                                   trainable=False)
+        self.reward = None
+        if reward_m is not None:
+            self.reward = build_engine(ScoreHead(reward_m, "sequence"), reward_t, world_size=self.world_size,
+                                       trainable=False)
         if cfg.offload_reference and ref_t.zero_stage != 3:
             self.ref = Offloaded(self.ref, self.device)
-        if cfg.offload_reward and reward_t.zero_stage != 3:
+        if self.reward is not None and cfg.offload_reward and reward_t.zero_stage != 3:
             self.reward = Offloaded(self.reward, self.device)
         self.ema = ActorEMA(self.actor, cfg.ema_decay, self.rank) if cfg.ema_decay else None
         self.hybrid = make_hybrid_engine(cfg.hybrid_engine, self.actor, cfg.generation)
@@ -221,8 +239,11 @@ class RLHFEngine:
         return cls.from_paths(str(store.get_uri(sft_uri)), str(store.get_uri(reward_uri)), config, **kw)
 
     def trainable_engines(self) -> dict[str, Any]:
-        """What a checkpoint must hold: actor and critic (module, optimizer, scheduler) and the EMA."""
-        out = {"actor": self.actor, "critic": self.critic}
+        """What a checkpoint must hold: actor and critic (module, optimizer, scheduler; no critic: the actor alone)
+        and the EMA."""
+        out = {"actor": self.actor}
+        if self.critic is not None:
+            out["critic"] = self.critic
         if self.ema is not None:
             out["ema"] = self.ema
         return out

@@ -180,6 +180,45 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, returns
 
 
+# ---- critic-free (group) baselines -----------------------------------------------------------------------------
+# B rows hold G consecutive samples of each prompt (the trainer repeats every prompt G times in the generation
+# batch), so a prompt's group is a row of scores.view(-1, G). The sequence advantage these return goes in where a
+# sequence score goes in PPO (at the last response token, via `kl_penalty_rewards`); `gae` with values 0 and
+# lam 1 then spreads it over the tokens as returns-to-go.
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size} (>= 2) samples")
+    return scores.float().reshape(-1, group_size)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+                     ) -> torch.Tensor:
+    """GRPO: A_i = (r_i - mean_g) / (std_g + eps) over the `group_size` samples of the same prompt, the std with
+    Bessel's correction (n - 1); `scale_by_std=False` keeps only the centring (r_i - mean_g: Dr. GRPO, no bias
+    toward groups whose answers all score alike). A group whose scores are all equal gets 0. scores [B] -> [B]"""
+    g = _groups(scores, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: A_i = r_i - mean_{j != i} r_j, the baseline of each sample the mean of the other samples of its
+    prompt (equal to n / (n - 1) * (r_i - mean_g)). scores [B] -> [B]"""
+    g = _groups(scores, group_size)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) on tokens sampled from pi: exp(d) - d - 1 with
+    d = logp_ref - logp. Unbiased, >= 0 for every token (k1 = -d can be negative), differentiable in logp: the
+    KL term of GRPO's loss. logprobs, ref_logprobs, mask [B, T] -> [B, T], 0 outside the mask."""
+    d = (ref_logprobs - logprobs) * mask.to(logprobs.dtype)
+    return (torch.exp(d) - d - 1.0) * mask.to(logprobs.dtype)
+
+
 # ---- losses ----------------------------------------------------------------------------------------------------
 @dataclass
 class PolicyLossOut:

@@ -1,12 +1,15 @@
-"""Step 3 as a stage job: PPO with the hybrid engine, resumable. Job entry: `run(spec)` (world size 1..N).
+"""Step 3 as a stage job: PPO, GRPO or RLOO with the hybrid engine, resumable. Job entry: `run(spec)` (world size
+1..N). The stage's name is the method (`spec.stage`: ppo, grpo, rloo); grpo and rloo build no critic
+(`trainer.CriticFreeTrainer`).
 
 Inputs (spec.inputs): `data` (prompts: the ppo/train split), `sft` (actor + reference), `reward` (reward model and,
-by default, the critic's initial weights). Output artifact:
+for PPO by default, the critic's initial weights; absent when step 3 scores with `ppo.reward_fn` alone and needs no
+reward model: `config.rules.needs_reward_model`). Output artifact:
     actor/         HF causal-LM folder of the trained policy (+ tokenizer)
     ema/           the EMA of the actor, when ppo.ema_decay is set
     metrics.json   {"summary": {...flat...}, "history": [{"step": n, ...every PPO metric...}, ...]}
-Checkpoints (every ppo.checkpoint_every steps) hold the actor and critic engines (weights, optimizers, schedulers),
-the EMA, the KL controller, the prompt-loader position (the step: batches are a pure function of seed and step) and
+Checkpoints (every ppo.checkpoint_every steps) hold the actor and (PPO) critic engines (weights, optimizers,
+schedulers), the EMA, the KL controller, the prompt-loader position (the step: batches are a pure function of seed and step) and
 the RNG states of every rank, so a killed job resumed from its latest checkpoint continues the same run.
 """
 from __future__ import annotations
@@ -15,18 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config.rules import needs_reward_model
 from ..errors import ConfigError, DataError
 from ..models import load_tokenizer
+from ..reward_fn import ROW_FIELDS
 from ..training.batches import epoch_permutation, micro_batch_indices
 from ..training.distributed import destroy_distributed, local_first, seed_rank_streams
 from ..training.examples import stage_setup
 from ..training.metrics import peak_memory_mb
 from ..training.resumable import ResumableRun
 from .engine import RLHFEngine
-from .trainer import PPOTrainer
+from .trainer import CriticFreeTrainer, PPOTrainer
 
 SUMMARY_KEYS = ("reward/score_mean", "gold/mean", "kl/ref", "entropy", "response/length", "response/eos_rate",
-                "value/explained_variance", "policy/clipfrac", "policy/approx_kl", "kl/coef")
+                "value/explained_variance", "policy/clipfrac", "policy/approx_kl", "kl/coef", "reward/fn_mean",
+                "reward/group_std", "policy/kl_loss")
+METHODS = ("ppo", "grpo", "rloo")  # the stage names this module runs (the step-3 method)
 
 
 class PromptSchedule:
@@ -47,12 +54,14 @@ class PromptSchedule:
                 for g in range(self.gen_batches)]
 
 
-def load_prompts(data_dir: Path, split: str = "train") -> dict[str, list]:
-    """The ppo phase's prompts: prompt_ids, prompt, gold, chosen_ids (ptx targets; may be null)."""
+def load_prompts(data_dir: Path, split: str = "train", row_fields: bool = False) -> dict[str, list]:
+    """The ppo phase's prompts: prompt_ids, prompt, gold, chosen_ids (ptx targets; may be null), and with
+    `row_fields` the columns a reward function may take (reward_fn.ROW_FIELDS)."""
     from ..data.artifact import load_phase
 
     ds = load_phase(data_dir, "ppo", split)
-    cols = ds.select_columns(["prompt", "prompt_ids", "gold", "chosen_ids"]).to_dict()
+    extra = [c for c in ROW_FIELDS if c not in ("gold",) and c in ds.column_names] if row_fields else []
+    cols = ds.select_columns(["prompt", "prompt_ids", "gold", "chosen_ids", *extra]).to_dict()
     if not cols["prompt_ids"]:
         raise DataError(f"{data_dir}: ppo/{split} has no prompts")
     return cols
@@ -70,6 +79,9 @@ def check_same_vocab(actor_tok, reward_dir: str) -> None:
 def make_batch(cols: dict[str, list], rows: list[int], with_ptx: bool) -> dict[str, list]:
     batch = {"prompt_ids": [cols["prompt_ids"][i] for i in rows], "prompt": [cols["prompt"][i] for i in rows],
              "gold": [cols["gold"][i] for i in rows]}
+    for k in ROW_FIELDS:  # loaded only when a reward function scores (load_prompts' row_fields)
+        if k in cols and k not in batch:
+            batch[k] = [cols[k][i] for i in rows]
     if with_ptx:
         batch["chosen_ids"] = [cols["chosen_ids"][i] for i in rows]
     return batch
@@ -106,27 +118,43 @@ def run(spec) -> dict:
         destroy_distributed()
 
 
+def make_trainer(method: str, engine, cfg, advantage_sign: float = 1.0):
+    """The step-3 trainer of a method: PPOTrainer (ppo) or CriticFreeTrainer (grpo, rloo)."""
+    if method == "ppo":
+        return PPOTrainer(engine, cfg, advantage_sign=advantage_sign)
+    return CriticFreeTrainer(engine, cfg, estimator=method, advantage_sign=advantage_sign)
+
+
 def train_ppo(spec, ctx) -> dict:
     t_start = time.time()
+    method = spec.stage
+    if method not in METHODS:
+        raise ConfigError(f"stage {method!r} is not a step-3 method ({', '.join(METHODS)})")
     cfg = ctx.cfg.ppo
     rank, world, store = ctx.rank, ctx.world, ctx.store
     sft_dir = str(local_first(lambda: store.get_uri(spec.inputs["sft"])))
-    reward_dir = str(local_first(lambda: store.get_uri(spec.inputs["reward"])))
+    reward_dir = None
+    if needs_reward_model(method, cfg):
+        if "reward" not in spec.inputs:
+            raise DataError(f"{method} stage spec has no reward input (ppo.reward={cfg.reward})")
+        reward_dir = str(local_first(lambda: store.get_uri(spec.inputs["reward"])))
     tokenizer = load_tokenizer(sft_dir, padding_side="left")
-    check_same_vocab(tokenizer, reward_dir)
-    cols = load_prompts(ctx.data_dir)
+    if reward_dir is not None:
+        check_same_vocab(tokenizer, reward_dir)
+    cols = load_prompts(ctx.data_dir, row_fields=cfg.reward != "rm")
     sched = PromptSchedule(len(cols["prompt_ids"]), cfg.prompt_batch_size, cfg.generation_batches, world, rank,
                            cfg.seed)
     total = cfg.total_steps or sched.steps_per_epoch * cfg.epochs
     with_ptx = cfg.ptx_coef > 0
 
-    engine = RLHFEngine(sft_dir, reward_dir, tokenizer=tokenizer, config=cfg, total_steps=total, world_size=world)
-    trainer = PPOTrainer(engine, cfg)
+    engine = RLHFEngine(sft_dir, reward_dir, tokenizer=tokenizer, config=cfg, total_steps=total, world_size=world,
+                        with_critic=method == "ppo")
+    trainer = make_trainer(method, engine, cfg)
     if rank == 0:
-        print(f"[ppo] generation: {engine.hybrid.choice}", flush=True)
+        print(f"[{method}] generation: {engine.hybrid.choice}", flush=True)
 
-    resumable = ResumableRun(spec, "ppo", total, cfg.keep_checkpoints, every=cfg.checkpoint_every, started=t_start,
-                             store=store)
+    resumable = ResumableRun(spec, method, total, cfg.keep_checkpoints, every=cfg.checkpoint_every,
+                             started=t_start, store=store)
     state = resumable.resume(engine.trainable_engines())
     if state is not None:
         trainer.load_state_dict(state["trainer"])
