@@ -1,4 +1,5 @@
-"""The public-API examples run end to end on tiny models: a custom PPO loop (examples/custom_ppo_loop.py) and
+"""The public-API examples run end to end on tiny models: a custom PPO loop (examples/custom_ppo_loop.py), a GRPO
+loop with a programmatic reward (examples/custom_grpo_loop.py) and
 store-free SFT / reward-model training (examples/custom_sft_loop.py), whose models both learn."""
 import os
 import re
@@ -42,3 +43,12 @@ def test_custom_sft_loop_example_runs_and_learns(tmp_path):
         assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
         assert (folder / "metrics.json").exists()
     assert "held-out pair: chosen" in out
+
+
+def test_custom_grpo_loop_example_runs(tmp_path):
+    """GRPO with the demo's gold function as the reward, no critic, no reward model."""
+    out = run_example("custom_grpo_loop.py", ["--steps", "3"], tmp_path)
+    assert "step 3:" in out and "kl loss" in out
+    assert out.count("advantage ") == 4  # one group of 4 answers shown
+    assert (tmp_path / "custom-grpo-out" / "actor" / "config.json").exists()
+    assert (tmp_path / "custom-grpo-out" / "ema" / "config.json").exists()

@@ -19,7 +19,7 @@ from rlhf_tasks.config.stages import PPOConfig
 from rlhf_tasks.data import demo
 from rlhf_tasks.models import (cache_root, ensure_tiny_model, load_causal_lm, load_score_model, load_tokenizer,
                                sequence_scores)
-from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
+from rlhf_tasks.ppo import RLHFEngine
 from rlhf_tasks.training.batches import pad_batch
 from rlhf_tasks.training.distributed import init_distributed
 
@@ -104,18 +104,27 @@ def mean_gold(engine, tok, held, samples: int = 2) -> float:
     return (greedy + sampled) / 2
 
 
-def run_ppo(models: Path, sign: float) -> tuple[float, float, float]:
+def run_ppo(models: Path, sign: float, config: dict = PPO, method: str = "ppo") -> tuple[float, float, float]:
+    """Step 3 (`method` ppo, grpo or rloo) from the demo's SFT policy for STEPS steps of random training prompts;
+    -> (held-out gold before, after, max KL of the last 5 steps). grpo/rloo build no critic, and no reward model
+    when `config` scores with a function alone."""
+    from rlhf_tasks.config.rules import needs_reward_model
+    from rlhf_tasks.ppo.stage import make_trainer
+
     tok = load_tokenizer(str(models / "sft"), "left")
     train, held = _rows()
-    engine = RLHFEngine(str(models / "sft"), str(models / "rm"), tokenizer=tok, config=PPOConfig(**PPO),
-                        total_steps=STEPS)
-    trainer = PPOTrainer(engine, advantage_sign=sign)
+    cfg = PPOConfig(**config)
+    reward = str(models / "rm") if needs_reward_model(method, cfg) else None
+    engine = RLHFEngine(str(models / "sft"), reward, tokenizer=tok, config=cfg, total_steps=STEPS,
+                        with_critic=method == "ppo")
+    trainer = make_trainer(method, engine, cfg, advantage_sign=sign)
     before = mean_gold(engine, tok, held)
     rng = random.Random(0)
     kls = []
     for _ in range(STEPS):
-        b = rng.sample(train, PPO["prompt_batch_size"])
-        stats = trainer.step({"prompt_ids": [tok(fmt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in b]})
+        b = rng.sample(train, cfg.prompt_batch_size)
+        stats = trainer.step({"prompt_ids": [tok(fmt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in b],
+                              "prompt": [r["prompt"] for r in b]})
         kls.append(stats["kl/ref"])
     return before, mean_gold(engine, tok, held), max(kls[-5:])
 

@@ -1,6 +1,7 @@
-"""The PPO stage job: artifact layout (actor/, ema/, metrics.json with per-step history), and a run SIGKILLed
-after a checkpoint that resumes and finishes with the same number of steps and the same metrics as an
-uninterrupted run (actor, critic, optimizers, schedulers, EMA, KL controller, prompt position, RNG)."""
+"""The step-3 stage job (PPO, and GRPO without a critic): artifact layout (actor/, ema/, metrics.json with per-step
+history), and a run SIGKILLed after a checkpoint that resumes and finishes with the same number of steps and the
+same metrics as an uninterrupted run (actor, critic, optimizers, schedulers, EMA, KL controller, prompt position,
+RNG)."""
 import json
 import tempfile
 import uuid
@@ -40,41 +41,62 @@ def _cfg(steps=6):
                      "ppo.adaptive_kl=true", "ppo.kl_target=0.05", "ppo.kl_horizon=100"])
 
 
-def _spec(cfg, store, inputs, run_dir: Path) -> StageSpec:
+def _spec(cfg, store, inputs, run_dir: Path, stage: str = "ppo") -> StageSpec:
     key = uuid.uuid4().hex[:24]
-    return StageSpec(stage="ppo", key=key, config=cfg.model_dump(mode="json", by_alias=True), inputs=inputs,
-                     output_uri=store.uri("ppo", key), store=store.settings(), run_dir=str(run_dir))
+    return StageSpec(stage=stage, key=key, config=cfg.model_dump(mode="json", by_alias=True), inputs=inputs,
+                     output_uri=store.uri(stage, key), store=store.settings(), run_dir=str(run_dir))
 
 
 def _metrics(store, uri):
     return json.loads((store.get_uri(uri) / "metrics.json").read_text())
 
 
-def test_ppo_stage_kill_and_resume(store, inputs, tmp_path):
+def kill_and_resume(store, cfg, inputs, tmp_path, stage: str) -> tuple[dict, dict]:
+    """An uninterrupted run and a run SIGKILLed after its step-2 checkpoint (during step 3) then resumed: both
+    finish with 6 steps and the same per-step metrics (timings aside). -> (full, resumed) metrics.json"""
     execution = ExecutionConfig(device="cpu", timeout_s=600)
-    cfg = _cfg()
-    full_spec = _spec(cfg, store, inputs, tmp_path / "full")
+    full_spec = _spec(cfg, store, inputs, tmp_path / "full", stage)
     full = _metrics(store, run_stage(full_spec, execution, log=lambda line: None))
     art = store.get_uri(full_spec.output_uri)
     assert (art / "actor" / "config.json").exists() and (art / "ema" / "config.json").exists()
     assert full["summary"]["steps"] == 6 and full["summary"]["resumed_from_step"] == 0
 
-    spec = _spec(cfg, store, inputs, tmp_path / "crash")
+    spec = _spec(cfg, store, inputs, tmp_path / "crash", stage)
     launch_and_kill(spec, execution, kill_after_step=3)
-    assert not store.exists("ppo", spec.key)
-    assert [k for k in store.keys("ckpt-ppo") if k.startswith(spec.key)] == [f"{spec.key}.step-00000002"]
+    assert not store.exists(stage, spec.key)
+    assert [k for k in store.keys(f"ckpt-{stage}") if k.startswith(spec.key)] == [f"{spec.key}.step-00000002"]
     run_stage(spec, execution, log=lambda line: None)
     resumed = _metrics(store, spec.output_uri)
     assert resumed["summary"]["resumed_from_step"] == 2
-    assert [k for k in store.keys("ckpt-ppo") if k.startswith(spec.key)] == []  # deleted after the commit
+    assert [k for k in store.keys(f"ckpt-{stage}") if k.startswith(spec.key)] == []  # deleted after the commit
     assert resumed["summary"]["steps"] == 6
     a = {r["step"]: r for r in full["history"]}
     b = {r["step"]: r for r in resumed["history"]}
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
+        assert a[s].keys() == b[s].keys()
         for k, v in a[s].items():
             if not k.startswith(TIMING):
                 assert b[s][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), f"step {s} {k}"
+    return full, resumed
+
+
+def test_ppo_stage_kill_and_resume(store, inputs, tmp_path):
+    kill_and_resume(store, _cfg(), inputs, tmp_path, "ppo")
+
+
+def test_grpo_stage_with_a_function_reward_kill_and_resume(store, inputs, tmp_path):
+    """GRPO scored by the demo's gold function alone: no reward-model input, no critic in the checkpoints (actor,
+    EMA, trainer state), and the same resume guarantee as PPO."""
+    cfg = tiny_cfg(["ppo.total_steps=6", "ppo.checkpoint_every=2", "ppo.prompt_batch_size=4",
+                    "ppo.samples_per_prompt=4", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8",
+                    "ppo.ema_decay=0.9", "ppo.reward=fn", "ppo.reward_fn=rlhf_tasks.data.demo:gold_score",
+                    "ppo.kl_in=loss"])
+    full, _ = kill_and_resume(store, cfg, {"data": inputs["data"], "sft": inputs["sft"]}, tmp_path, "grpo")
+    step = full["history"][0]
+    assert "policy/kl_loss" in step and "reward/group_std" in step
+    assert not any(k.startswith("value/") for k in step)
+    assert full["summary"]["reward_fn_mean_final"] == pytest.approx(full["summary"]["gold_mean_final"])
 
 
 def test_ppo_stage_two_processes_zero3(store, inputs, tmp_path):
