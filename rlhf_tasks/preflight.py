@@ -176,7 +176,7 @@ def check_reward_fns(cfg: PipelineConfig) -> None:
     from .reward_fn import load_reward_fn
     from .stages import reward_fn_ref
 
-    for stage in ("ppo", "eval"):
+    for stage in (cfg.method, "eval"):  # step 3 scores with ppo.reward_fn only when the method is a step-3 one
         ref = reward_fn_ref(cfg, stage)
         if ref is not None:
             load_reward_fn(ref[1], ref[0])

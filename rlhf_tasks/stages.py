@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .config.methods import eval_inputs, pipeline_stages
+from .config.methods import STEP3, eval_inputs, pipeline_stages, policy_reads_reward_model
 from .config.rules import CRITIC_FIELDS, CRITIC_FREE
 from .provenance import code_hashes, library_versions
 from .store import MISSING, ArtifactStore, compute_key
@@ -45,7 +45,11 @@ def stage_inputs(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
     """The upstream stages of `stage` in a run of `cfg`: their keys enter its key, their URIs its spec. Only the
     eval stage's depend on the config (the policy it compares with SFT is the method's; the reward model only when
     it scores), and they are given by the method table (config/methods.py)."""
-    return eval_inputs(cfg) if stage == "eval" else STAGE_DEFS[stage].inputs
+    if stage == "eval":
+        return eval_inputs(cfg)
+    if stage in STEP3 and not policy_reads_reward_model(cfg):  # e.g. grpo scored by ppo.reward_fn alone
+        return tuple(i for i in STAGE_DEFS[stage].inputs if i != "reward")
+    return STAGE_DEFS[stage].inputs
 
 
 def code_version(stage: str) -> dict[str, str]:
@@ -97,7 +101,7 @@ def hub_pins(key_inputs: dict) -> dict[str, str]:
 
 def reward_fn_ref(cfg: PipelineConfig, stage: str) -> tuple[str, str] | None:
     """(config field, `package.module:callable`) of the programmatic reward a stage scores with, if any."""
-    if stage in ("ppo", *CRITIC_FREE) and cfg.ppo.reward != "rm" and cfg.ppo.reward_fn:
+    if stage in STEP3 and cfg.ppo.reward != "rm" and cfg.ppo.reward_fn:
         return "ppo.reward_fn", cfg.ppo.reward_fn
     if stage == "eval" and cfg.eval.reward_fn:
         return "eval.reward_fn", cfg.eval.reward_fn

@@ -26,7 +26,11 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ppo": Method("ppo", trains_on_reward_model=True),
+    # critic-free step 3 (rlhf_tasks.ppo.stage); scored by `ppo.reward_fn` alone they do not read the reward model
+    "grpo": Method("grpo", trains_on_reward_model=True),
+    "rloo": Method("rloo", trains_on_reward_model=True),
 }
+STEP3 = ("ppo", "grpo", "rloo")  # the methods whose policy stage is step 3 (the `ppo` section configures it)
 POLICY_STAGES = tuple(dict.fromkeys(m.policy_stage for m in METHODS.values()))
 
 
@@ -34,9 +38,19 @@ def method_of(cfg: PipelineConfig) -> Method:
     return METHODS[cfg.method]
 
 
+def policy_reads_reward_model(cfg: PipelineConfig) -> bool:
+    """Whether the method's stage reads the reward model: for step 3 as its config says (`ppo.reward`, and PPO's
+    critic initialisation: rules.needs_reward_model), else as the table says."""
+    if cfg.method in STEP3:
+        from .rules import needs_reward_model
+
+        return needs_reward_model(cfg.method, cfg.ppo)
+    return method_of(cfg).trains_on_reward_model
+
+
 def uses_reward_stage(cfg: PipelineConfig) -> bool:
     """The reward model is trained when the method trains on it or evaluation scores answers with it."""
-    return method_of(cfg).trains_on_reward_model or "reward" in eval_inputs(cfg)
+    return policy_reads_reward_model(cfg) or "reward" in eval_inputs(cfg)
 
 
 def pipeline_stages(cfg: PipelineConfig) -> tuple[str, ...]:

@@ -106,7 +106,8 @@ class PipelineConfig(Section):
     method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]  (the choices are the table's rows)
         "ppo",
         description="Step 3's alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
-        "ppo = data -> sft -> reward -> ppo -> eval. Stages a method shares with another (data, sft, reward) have "
+        "ppo = data -> sft -> reward -> ppo -> eval; grpo / rloo = the same with the critic-free stage grpo / rloo "
+        "(ppo.samples_per_prompt >= 2; with ppo.reward=fn that stage does not read the reward model). Stages a method shares with another (data, sft, reward) have "
         "the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
     )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Base models.")

@@ -204,6 +204,7 @@ def pipeline_rules(cfg: PipelineConfig) -> list[Violation]:
             out.append(Violation(("models.tiny.hidden_size", "models.tiny.num_heads"),
                                  f"models.tiny.hidden_size / models.tiny.num_heads = {head_dim} must be even for "
                                  f"tiny:llama (rotary embeddings rotate pairs of dimensions)"))
+    out += step3_rules(cfg.method, cfg.ppo)
     if cfg.execution.device == "cpu":
         out += device_rules(cfg, "cpu")
     out += data_fit_rules(cfg, max_phase_rows(cfg), "data.sources max_rows")

@@ -353,7 +353,9 @@ def run(spec) -> str:
     missing = [n for n in ("data", "sft", "reward") if n not in dirs]
     if missing:
         raise DataError(f"eval stage spec has no input(s) {', '.join(missing)}")
-    inputs = EvalInputs(dirs["data"], dirs["sft"], dirs["reward"], dirs.get("ppo"))
+    # the method's policy (ppo, grpo, rloo: the one input that is not data, SFT or the RM) in the step-3 slot
+    policy = next((dirs[n] for n in spec.inputs if n not in ("data", "sft", "reward")), None)
+    inputs = EvalInputs(dirs["data"], dirs["sft"], dirs["reward"], policy)
     device = pick_device(cfg.execution.device)
     print(f"eval: device {device}, {ecfg.num_prompts} prompts, policies {', '.join(inputs.policy_dirs())}",
           flush=True)
