@@ -119,3 +119,21 @@ def held_out_gold(engine, tok, prompt_ids: list[list[int]], prompts: list[str], 
                   for i, p in enumerate(prompts)]
         out.append(sum(g) / len(g))
     return out[0], out[1]
+
+
+def demo_prompt_batches(tok, n_rows: int, batch_size: int, seed: int = 3, with_chosen: bool = False) -> list[dict]:
+    """PPO/GRPO trainer batches of generated demo rows: prompt token ids in the demo's chat format, the raw prompts
+    and their gold scorer (and the reference answers, which a programmatic reward may compare with)."""
+    from rlhf_tasks.data import demo
+
+    rows = demo.generate(n_rows, seed=seed)
+    batches = []
+    for i in range(0, n_rows, batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = {"prompt_ids": [tok(" Human: " + r["prompt"] + " Assistant:")["input_ids"] for r in chunk],
+                 "prompt": [r["prompt"] for r in chunk], "gold": ["demo"] * len(chunk)}
+        if with_chosen:
+            batch["chosen"] = [r["chosen"] for r in chunk]
+        batches.append(batch)
+    return batches
+

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from _training_helpers import demo_prompt_batches
 from rlhf_tasks.config import TinyModelConfig
 from rlhf_tasks.config.stages import PPOConfig
 from rlhf_tasks.data import demo
@@ -24,14 +25,7 @@ def tiny():
     init_distributed()
     path = str(ensure_tiny_model("llama", TinyModelConfig()))
     tok = load_tokenizer(path, "left")
-    rows = demo.generate(16, seed=3)
-    batches = []
-    for i in range(0, 16, 4):
-        chunk = rows[i:i + 4]
-        batches.append({"prompt_ids": [tok(" Human: " + r["prompt"] + " Assistant:")["input_ids"] for r in chunk],
-                        "prompt": [r["prompt"] for r in chunk], "gold": ["demo"] * len(chunk),
-                        "chosen": [r["chosen"] for r in chunk]})
-    return path, tok, batches
+    return path, tok, demo_prompt_batches(tok, 16, 4, with_chosen=True)
 
 
 def cfg(**kw):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from _training_helpers import demo_prompt_batches
 from rlhf_tasks.config import TinyModelConfig
 from rlhf_tasks.config.stages import PPOConfig
-from rlhf_tasks.data import demo
 from rlhf_tasks.models import ensure_tiny_model, lm_logits, load_tokenizer
 from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
 from rlhf_tasks.ppo import ppo_math as pm
@@ -24,13 +24,7 @@ def tiny():
     init_distributed()
     path = str(ensure_tiny_model("llama", TinyModelConfig()))
     tok = load_tokenizer(path, "left")
-    rows = demo.generate(64, seed=3)
-    batches = []
-    for i in range(0, 64, 8):
-        chunk = rows[i:i + 8]
-        batches.append({"prompt_ids": [tok(" Human: " + r["prompt"] + " Assistant:")["input_ids"] for r in chunk],
-                        "prompt": [r["prompt"] for r in chunk], "gold": ["demo"] * len(chunk)})
-    return path, tok, batches
+    return path, tok, demo_prompt_batches(tok, 64, 8)
 
 
 def small_cfg(**kw):
