@@ -7,7 +7,7 @@ a store under RLHF_CACHE_DIR); PPO then runs in process for a few steps per sign
 2-core CPU the first time) and needs SmolLM2 (make setup-smollm2).
 """
 import importlib.util
-import random
+from pathlib import Path
 
 import pytest
 
@@ -46,31 +46,35 @@ def upstream():
 
 
 def run_ppo(upstream, sign: float) -> tuple[float, float]:
-    """(gold before, gold after) of PPO with the advantages multiplied by `sign`."""
+    """(gold before, gold after) of PPO with the advantages multiplied by `sign`, fed and seeded exactly as the ppo
+    stage does (its prompt schedule, its seeding after the engine is built): with sign +1 this is the stage's run."""
     from _training_helpers import held_out_gold
 
     from rlhf_tasks.data.artifact import load_phase
     from rlhf_tasks.data.constraints import gold_score
     from rlhf_tasks.models import load_tokenizer
     from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
+    from rlhf_tasks.ppo.stage import PromptSchedule, load_prompts, make_batch
+    from rlhf_tasks.training.distributed import seed_rank_streams
 
     cfg, data, sft, reward = upstream
-    train, held = load_phase(data, "ppo", "train"), load_phase(data, "ppo", "eval").select(range(HELD_OUT))
+    cols, held = load_prompts(Path(data)), load_phase(data, "ppo", "eval").select(range(HELD_OUT))
+    p = cfg.ppo
+    sched = PromptSchedule(len(cols["prompt_ids"]), p.prompt_batch_size, p.generation_batches, 1, 0, p.seed)
     tok = load_tokenizer(sft, "left")
-    engine = RLHFEngine(sft, reward, tokenizer=tok, config=cfg.ppo, total_steps=STEPS)
+    engine = RLHFEngine(sft, reward, tokenizer=tok, config=p, total_steps=STEPS)
     trainer = PPOTrainer(engine, advantage_sign=sign)
-    prompt_ids = [list(p) for p in held["prompt_ids"]]
+    prompt_ids = [list(ids) for ids in held["prompt_ids"]]
 
     def gold() -> float:
         greedy, sampled = held_out_gold(engine, tok, prompt_ids, list(held["prompt"]), gold_score,
-                                        max_new_tokens=cfg.ppo.max_new_tokens, samples=1)
+                                        max_new_tokens=p.max_new_tokens, samples=1)
         return (greedy + sampled) / 2
 
-    before = gold()
-    rng = random.Random(0)
-    for _ in range(STEPS):
-        rows = rng.sample(range(len(train)), cfg.ppo.prompt_batch_size)
-        trainer.step({"prompt_ids": [list(train[i]["prompt_ids"]) for i in rows]})
+    before = gold()  # generation leaves the models as they were (only the random stream moves: reseeded next)
+    seed_rank_streams(p.seed)
+    for step in range(1, STEPS + 1):
+        trainer.step([make_batch(cols, rows, with_ptx=False) for rows in sched.rows(step)])
     return before, gold()
 
 
