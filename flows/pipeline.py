@@ -26,12 +26,12 @@ from prefect.runtime import flow_run as current_flow_run
 from rlhf_tasks import preflight
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
 from rlhf_tasks.errors import ConfigError, StageFailed
-from rlhf_tasks.stages import STAGES, StagePlan, StageSpec
+from rlhf_tasks.stages import ALL_STAGES, StagePlan, StageSpec
 from rlhf_tasks.store import ArtifactStore
 
 from . import observe, runner, stage_loop, storage
 
-StageName = Literal[STAGES]  # the same as Literal["data", "sft", ...]: the UI's choices come from rlhf_tasks.stages
+StageName = Literal[ALL_STAGES]  # the same as Literal["data", "sft", ...]: the UI's choices come from rlhf_tasks.stages
 RECORD_FORMAT = "v1"  # bump to invalidate every cache record (the artifacts stay)
 
 

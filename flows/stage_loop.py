@@ -15,7 +15,7 @@ from rlhf_tasks.stages import STAGES, StagePlan, StageSpec, _flatten, make_spec
 from rlhf_tasks.store import ArtifactStore, canonical_json, compute_key
 
 RUNS_PREFIX = "runs"
-_NAME_SECTIONS = ("method", "models", *STAGES)  # what shapes results: the method, models, one section per stage
+_NAME_SECTIONS = ("method", "models", *STAGES, "dpo")  # what shapes results: the method, models, each stage's section
 
 
 def config_hash(cfg: PipelineConfig) -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import StageFailed, StoreError, UserError
-from .stages import STAGES
+from .stages import ALL_STAGES
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store URL (overrides store.url), e.g. ./rlhf-store or s3://b/p")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set ppo.kl_coef=0.05 (repeatable)")
-    p.add_argument("--until", choices=STAGES, default="eval",
+    p.add_argument("--until", choices=ALL_STAGES, default="eval",
                    help="last stage to include (one of the config's method's stages)")
 
 

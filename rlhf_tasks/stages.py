@@ -17,7 +17,7 @@ from .config.rules import CRITIC_FIELDS, CRITIC_FREE
 from .provenance import code_hashes, library_versions
 from .store import MISSING, ArtifactStore, compute_key
 
-STAGES = ("data", "sft", "reward", "ppo", "eval")  # every stage there is; a run has its method's (`plan`)
+STAGES = ("data", "sft", "reward", "ppo", "eval")  # the default method's (ppo) stages; a run has its method's
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,12 @@ STAGE_DEFS: dict[str, StageDef] = {
     # critic-free step 3, the same stage module (its job reads the method from the stage name)
     "grpo": StageDef("grpo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
     "rloo": StageDef("rloo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
+    # DPO: the SFT policy trained on the data artifact's reward-phase pairs, no reward model
+    "dpo": StageDef("dpo", ("data", "sft"), "rlhf_tasks.training.dpo", True),
     "eval": StageDef("eval", (), "rlhf_tasks.evaluation.stage", False),  # inputs by method: config.methods
 }
 JOB_ENTRY = "rlhf_tasks.stage_main"  # every job starts here, then imports its stage module
+ALL_STAGES = tuple(STAGE_DEFS)  # every stage there is (`--until` takes any of them that the method runs)
 
 
 def stage_inputs(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
@@ -84,6 +87,8 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
                 "num_procs": cfg.execution.num_procs}
     if stage == "ppo":
         return {"ppo": cfg.ppo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
+    if stage == "dpo":  # the models enter through the sft input's key (DPO starts from that artifact)
+        return {"dpo": cfg.dpo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
     if stage in CRITIC_FREE:  # the critic's settings do not shape a critic-free run: not in its key
         ppo = {k: v for k, v in cfg.ppo.model_dump(mode="json").items() if k not in CRITIC_FIELDS}
         return {"ppo": ppo, "num_procs": cfg.execution.num_procs}
@@ -155,10 +160,10 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
     if until not in active:
         from .errors import ConfigError
 
-        if until in STAGES:
+        if until in ALL_STAGES:
             raise ConfigError(f"--until: stage {until!r} is not part of method={cfg.method} (its stages: "
                               f"{', '.join(active)})")
-        raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(STAGES)})")
+        raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(ALL_STAGES)})")
     keys: dict[str, str] = {}
     uris: dict[str, str] = {}
     out: list[StagePlan] = []
@@ -182,8 +187,15 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
 def method_summary(cfg: PipelineConfig, plans: list[StagePlan]) -> str:
     """One line for `rlhf plan`: the method, its stages, and which of them the store already has (the artifacts
     another method's run made are reused when their keys are the same)."""
+    from .config.methods import method_of, uses_reward_stage
+
     reused = [p.stage for p in plans if p.cached]
-    return (f"method {cfg.method}: {' -> '.join(pipeline_stages(cfg))}; "
+    method = method_of(cfg)
+    why_reward = ""
+    if uses_reward_stage(cfg) and not policy_reads_reward_model(cfg):
+        why_reward = "; the reward model only scores evaluation's answers"
+    return (f"method {cfg.method}: {' -> '.join(pipeline_stages(cfg))}; {method.policy_stage} trains on "
+            f"{method.trains_on}{why_reward}; "
             + (f"reused from the store: {', '.join(reused)}" if reused else "nothing in the store to reuse"))
 
 

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from . import rules
 from ._base import Section
 from .methods import METHODS
-from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
+from .stages import DataConfig, DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 MIN_TIMEOUT_S = 60.0
@@ -105,10 +105,12 @@ class PipelineConfig(Section):
     experiment: str = Field("demo", description="Experiment name (flow run names, report titles).")
     method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]  (the choices are the table's rows)
         "ppo",
-        description="Step 3's alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
+        description="The alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
         "ppo = data -> sft -> reward -> ppo -> eval; grpo / rloo = the same with the critic-free stage grpo / rloo "
-        "(ppo.samples_per_prompt >= 2; with ppo.reward=fn that stage does not read the reward model). Stages a method shares with another (data, sft, reward) have "
-        "the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
+        "(ppo.samples_per_prompt >= 2; with ppo.reward=fn that stage does not read the reward model); dpo = data "
+        "-> sft -> reward -> dpo -> eval, where dpo trains the SFT policy on the reward phase's pairs (section "
+        "dpo) and the reward model serves only evaluation. Stages a method shares with another (data, sft, reward) "
+        "have the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
     )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Base models.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
@@ -116,7 +118,8 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Step 0: data blend.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: SFT.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: reward model.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO (method: ppo).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO (method: ppo, grpo, rloo).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO on the preference pairs (method: dpo).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and report.")
 
     @model_validator(mode="after")
