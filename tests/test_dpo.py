@@ -22,6 +22,7 @@ def _run(store, data_uri, tmp_path, monkeypatch, extra=()):
 
 @pytest.mark.parametrize("reference,extra", [
     ("copy", []),
+    ("copy", ["dpo.zero_stage=3", "dpo.precision=bf16"]),  # the frozen copy partitioned like the policy
     ("precomputed", []),
     ("adapter", ["dpo.lora.r=8", "dpo.optim.lr=1e-2", "dpo.zero_stage=2"]),
 ])

@@ -65,3 +65,43 @@ def test_dpo_improves_gold_and_swapped_pairs_do_not(demo_models):  # noqa: F811
     print(f"DPO on swapped pairs: sampled gold {f_before:.3f} -> {f_after:.3f}, gold win rate {f_win:.3f}")
     assert f_before == pytest.approx(before)
     assert f_after - f_before < MARGIN and f_win < win
+
+
+def test_rlhf_run_method_dpo_reuses_a_ppo_runs_data_sft_and_reward(tmp_path):
+    """`rlhf run --set method=dpo` on a store where a PPO run went first (a short demo: 600 rows, 2 PPO steps, 12
+    DPO steps, 24 eval prompts): data, sft and reward come from the store, dpo and eval run (through the Prefect
+    flow), and the eval report compares SFT with the DPO policy under the method's name."""
+    import json
+    import subprocess
+    import sys
+
+    short = ["--set", "data.sources=[{path: demo, max_rows: 600}]", "--set", "ppo.total_steps=2",
+             "--set", "dpo.max_steps=12", "--set", "eval.num_prompts=24", "--set", f"execution.runs_dir={tmp_path}/runs"]
+    store = str(tmp_path / "store")
+
+    def rlhf(*args) -> dict:
+        out = tmp_path / "summary.json"
+        r = subprocess.run([sys.executable, "-m", "rlhf_tasks.cli", "run", "--store", store, *short, *args,
+                            "--summary-json", str(out)], capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    ppo = rlhf("--no-prefect")
+    assert {s: v["status"] for s, v in ppo["stages"].items()} == dict.fromkeys(
+        ["data", "sft", "reward", "ppo", "eval"], "ran")
+    dpo = rlhf("--set", "method=dpo")
+    assert {s: v["status"] for s, v in dpo["stages"].items()} == {
+        "data": "cached", "sft": "cached", "reward": "cached", "dpo": "ran", "eval": "ran"}
+    assert {s: dpo["stages"][s]["uri"] for s in ("data", "sft", "reward")} == {
+        s: ppo["stages"][s]["uri"] for s in ("data", "sft", "reward")}
+    dpo_metrics = dpo["stages"]["dpo"]["metrics"]
+    assert dpo_metrics["steps"] == 12 and dpo_metrics["eval_accuracy"] > dpo_metrics["eval_accuracy_before"]
+    ev = dpo["stages"]["eval"]["metrics"]
+    assert {"gold_sft", "gold_ppo", "win_rate_gold", "rm_ppo", "kl_ppo_ref"} <= set(ev)  # the DPO policy's slot
+    from rlhf_tasks.store import ArtifactStore
+
+    folder = ArtifactStore(store).get_uri(dpo["stages"]["eval"]["uri"])
+    report = (folder / "report.md").read_text()
+    assert report.startswith("# RLHF evaluation: demo (method DPO)") and "DPO sampled" in report
+    doc = json.loads((folder / "metrics.json").read_text())
+    assert doc["meta"]["method"] == "dpo" and "dpo" in doc["meta"]["inputs"]
