@@ -15,7 +15,7 @@ from test_ppo_demo import _rows, demo_models, fmt  # noqa: F401  (demo_models is
 
 pytestmark = pytest.mark.slow
 # the tiny preset's dpo section (rlhf_tasks/presets/tiny.yaml) on the test's SFT policy
-DPO = dict(micro_batch_size=16, max_seq_len=64, beta=0.1, epochs=1, max_steps=150, seed=1,
+DPO = dict(micro_batch_size=16, max_seq_len=64, beta=0.1, epochs=1, max_steps=70, seed=1,
            optim={"lr": 5e-5, "warmup_ratio": 0.05})
 MARGIN = 0.05  # mean gold gain over SFT that DPO must exceed and the sign-flipped run must not
 
@@ -28,7 +28,7 @@ def _pairs(tok, rows, flip: bool) -> dict:
             "rejected_ids": [enc(" " + r[rejected]) + [tok.eos_token_id] for r in rows]}
 
 
-def sampled_gold(model, tok, held, samples: int = 3) -> list[float]:
+def sampled_gold(model, tok, held, samples: int = 2) -> list[float]:
     """Gold of `samples` seeded sampled answers per held-out prompt (the same RNG stream for every policy)."""
     tok.padding_side = "left"
     prompt_ids = [tok(fmt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in held] * samples
