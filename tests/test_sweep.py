@@ -47,7 +47,8 @@ def by_variant(record: dict) -> dict[str, dict[str, str]]:
 ])
 @pytest.mark.parametrize("command", ["sweep", "plan"])
 def test_bad_grid_is_one_line_naming_the_argument_and_writes_nothing(tmp_path, capsys, command, item, says):
-    rc = main([command, *_args(tmp_path / "store", tmp_path), "--grid", "sft.lr=1e-4,2e-4", "--grid", item])
+    rc = main([command, *_args(tmp_path / "store", tmp_path), "--grid", "sft.optim.lr=1e-3,2e-3", "--grid",
+               item])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: --grid {item}: ") and says in err[0]
@@ -67,14 +68,14 @@ def test_grid_values_parse_like_set_and_name_the_variants():
     from rlhf_tasks.sweep import expand, grid_labels, parse_grid_arg, split_values
 
     assert split_values("[1,2],[3],{a: 1, b: 2}") == ["[1,2]", "[3]", "{a: 1, b: 2}"]
-    axes = [parse_grid_arg("ppo.kl_coef=5e-2,0.1"), parse_grid_arg("sft.lr=1e-4,2e-4"),
-            parse_grid_arg("reward.lr=1e-5")]
+    axes = [parse_grid_arg("ppo.kl_coef=5e-2,0.1"), parse_grid_arg("sft.optim.lr=1e-4,2e-4"),
+            parse_grid_arg("reward.optim.lr=1e-5")]
     assert axes[0].values == [0.05, 0.1]
     variants = expand(load_config(None), axes, grid_labels(axes))
-    assert [v.name for v in variants][:2] == ["kl_coef=0.05,sft.lr=0.0001,reward.lr=1e-05",
-                                              "kl_coef=0.05,sft.lr=0.0002,reward.lr=1e-05"]
-    assert len(variants) == 4 and variants[3].cfg.ppo.kl_coef == 0.1 and variants[3].cfg.sft.lr == 2e-4
-    assert variants[0].slug == "kl_coef0.05_sft.lr0.0001_reward.lr1e-05"
+    assert [v.name for v in variants][:2] == ["kl_coef=0.05,sft.optim.lr=0.0001,reward.optim.lr=1e-05",
+                                              "kl_coef=0.05,sft.optim.lr=0.0002,reward.optim.lr=1e-05"]
+    assert len(variants) == 4 and variants[3].cfg.ppo.kl_coef == 0.1 and variants[3].cfg.sft.optim.lr == 2e-4
+    assert variants[0].slug == "kl_coef0.05_sft.optim.lr0.0001_reward.optim.lr1e-05"
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
@@ -115,7 +116,11 @@ def test_independent_stages_overlap_with_two_slots(fakes, tmp_path, site_dir):
     assert "sft: launching job" in text and "reward: launching job" in text and "rendezvous: sft met" in text
 
 
-def test_sweep_runs_shared_stages_once_reports_and_adds_only_the_new_variant(fakes, tmp_path, prefect_api):
+def test_sweep_runs_shared_stages_once_reports_and_adds_only_the_new_variant(fakes, tmp_path, prefect_api,
+                                                                            monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the CLI uses the test's API: its artifacts
     store = tmp_path / "store"
     record = sweep_cli(store, tmp_path, "--grid", GRID, "--set", "execution.max_parallel_stages=3")
     launched = fakes()
