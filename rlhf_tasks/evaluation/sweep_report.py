@@ -87,7 +87,7 @@ def render_markdown(record: dict, plot_rel: str | None) -> str:
     lines = [f"# Sweep {record.get('flow_run_name', '')}", "",
              f"Grid: {grid}. {len(record.get('variants') or [])} variants; stages run once for all of them: "
              f"{shared}. Status: {record.get('status')}, {record.get('wall_s', 0):.1f} s "
-             f"(up to {record.get('max_parallel', 1)} stage jobs at once).", "",
+             f"(up to {record.get('max_parallel', 1)} stage job(s) at once).", "",
              "Evaluation of each variant on the held-out prompts (primary decoding; win rates and KL against the "
              "shared SFT policy):", "", markdown_table(variant_rows(record))]
     failed = [v for v in record.get("variants") or [] if v.get("error")]
