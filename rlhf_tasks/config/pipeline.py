@@ -243,21 +243,15 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def config_path(path: str | Path | None) -> Path:
-    """The file `--config` names: a path, or a preset name (default: the `tiny` preset)."""
-    if path is None:
-        return preset_path("tiny")
-    if not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
-        return preset_path(str(path))
-    return Path(path)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a config: the file (a path or a preset name; default: the `tiny` preset), then `--set` overrides.
 
     Unknown keys and wrong types raise ConfigError with one line naming the key.
     """
-    path = config_path(path)
+    if path is None:
+        path = preset_path("tiny")
+    elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
+        path = preset_path(str(path))
     tree = read_yaml(path)
     set_keys = apply_overrides(tree, overrides or [])
     try:
