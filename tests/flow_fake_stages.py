@@ -100,11 +100,12 @@ def _rendezvous(stage: str) -> None:
 
 def install() -> None:
     """Point every stage at this module (in place: stage_main holds a reference to the same dict) and make the
-    data fingerprint a pure function of the source paths."""
+    data fingerprint a pure function of the source paths. `distributed` stays: it says which stages are the
+    training jobs a work pool runs (flows/runner.TRAINING_STAGES), and one process needs no launcher anyway."""
     import dataclasses
 
     from rlhf_tasks import stages
 
     for name, d in list(stages.STAGE_DEFS.items()):
-        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__, distributed=False)
+        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__)
     stages.data_source_fingerprints = lambda cfg: [{"path": s.path} for s in cfg.data.sources]
