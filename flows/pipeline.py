@@ -1,4 +1,6 @@
 """The `rlhf-pipeline` flow: data -> sft -> reward -> ppo -> eval, one Prefect task per stage, thin over rlhf_tasks.
+Stages that do not depend on each other (SFT and the reward model) are concurrent task runs, up to
+`execution.max_parallel_stages` (flows/stage_loop.py:run_graph).
 
 Caching (the whole rule; infra/README.md has the deployment side):
 - The cache key of a stage task IS the stage key from `rlhf_tasks.stages.plan()` (`StageKeyPolicy`); nothing about
@@ -181,8 +183,10 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
         logger.info(line)
         observe.console(line)
 
+    slots = stage_loop.stage_slots(cfg)
+    logger.info(f"up to {slots} stage job(s) at once (execution.max_parallel_stages)")
     result = stage_loop.run_stages(store, plans, _stage_runner(cfg, store, folder, result_storage, logger),
-                                   echo)
+                                   echo, max_parallel=slots)
     stage_loop.finish_run(result, store, run_id=run_id, name=name, cfg=cfg, until=until, started=started,
                           orchestrator="prefect")
     if result.error is not None:

@@ -26,10 +26,11 @@ class StageDef:
     inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key (eval's: `stage_inputs`)
     module: str  # python module with `run(spec)`; launched as a job
     distributed: bool  # launched under the DeepSpeed launcher (else a plain single process)
+    accelerated: bool = True  # runs on the job's accelerator (its GPUs are leased to it while it runs)
 
 
 STAGE_DEFS: dict[str, StageDef] = {
-    "data": StageDef("data", (), "rlhf_tasks.data.stage", False),
+    "data": StageDef("data", (), "rlhf_tasks.data.stage", False, accelerated=False),
     "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", True),
     "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", True),
     "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),

@@ -29,7 +29,8 @@ import fsspec
 from .errors import ArtifactCorrupt, StoreError
 
 MANIFEST = "manifest.json"
-RESERVED_KINDS = frozenset({"runs"})  # folders of plain JSON documents beside the artifacts (run records)
+RESERVED_KINDS = frozenset({"runs", "sweeps"})  # folders of plain documents beside the artifacts (run records,
+# sweep reports): never listed or collected as artifacts
 CACHE_RECORDS = "_prefect/cache"  # the orchestrator's cache records (flows/storage.py); each names an artifact URI
 MISSING = "missing"  # `ArtifactStore.check` of an artifact without a manifest
 MANIFEST_FORMAT = 1
@@ -397,11 +398,12 @@ class ArtifactStore:
                 size += len(block)
         return size, h.hexdigest()
 
-    def _write_atomic(self, path: str, text: str) -> None:
+    def _write_atomic(self, path: str, text: str | bytes) -> None:
+        mode = "wb" if isinstance(text, bytes) else "w"
         if self.is_local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             try:
-                with open(tmp, "w") as f:
+                with open(tmp, mode) as f:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
@@ -411,7 +413,7 @@ class ArtifactStore:
                     os.unlink(tmp)
                 raise
         else:  # one object PUT is atomic on S3
-            with self.fs.open(path, "w") as f:
+            with self.fs.open(path, mode) as f:
                 f.write(text)
 
     def get(self, kind: str, key: str, deep: bool = False) -> Path:
@@ -588,6 +590,14 @@ class ArtifactStore:
         path = f"{self.root}/{rel}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self._write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
+        return f"{self.url}/{rel}"
+
+    def write_file(self, rel: str, data: bytes) -> str:
+        """A small document (a report, a plot) at `<store>/<rel>`, written whole or not at all."""
+        check_relpath(rel)
+        path = f"{self.root}/{rel}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self._write_atomic(path, data)
         return f"{self.url}/{rel}"
 
     def read_json(self, rel: str) -> Any:

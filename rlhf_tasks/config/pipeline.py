@@ -83,6 +83,13 @@ class ExecutionConfig(Section):
                          "bad input found inside a job is never retried.")
     retry_delay_s: float = Field(10.0, ge=0, description="Delay before the first retry, doubling each time (default "
                                  "10, 20, 40 s: rides out a minute of store outage).")
+    max_parallel_stages: int | None = Field(
+        None, ge=1,
+        description="Stage jobs running at the same time where the plan allows it (SFT and the reward model after the "
+        "data; a sweep's variants). Empty: what fits the machine (rlhf_tasks/devices.py): one job per num_procs GPUs "
+        "on a GPU node (each gets its own GPUs), one per 8 CPU cores on a CPU box (1 on a small one), 4 with a work "
+        "pool, 1 for multi-node jobs.",
+    )
     work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Accelerator for stage jobs.")
     train_deployment: str | None = Field(
@@ -128,7 +135,7 @@ class PipelineConfig(Section):
         return self
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for i, k in enumerate(keys[:-1]):
@@ -141,14 +148,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # `ppo.kl_coef`
+
+
+def parse_value(raw: str) -> Any:
+    """A value typed on the command line, parsed as YAML (numbers, bools, lists); `1e-3` is a number too."""
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -158,7 +162,18 @@ def parse_override(item: str) -> tuple[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return key, value
+    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not DOTTED_KEY.fullmatch(key):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    return key, parse_value(raw)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
@@ -166,7 +181,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
     keys = []
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
         keys.append(key)
     return keys
 
