@@ -106,12 +106,19 @@ def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineCon
 
 
 def _flow_run_name() -> str:
+    """The run's name (Prefect calls this when the flow starts and renames the run to it): a name given in the
+    UI form or to `run_deployment` stays; a generated one becomes `<run_name>-<6 hex of the run id>`, unique and
+    saying what differs (bad parameters get `rlhf-...`: the flow fails on them right after, with one line)."""
+    given = current_flow_run.name
+    if not stage_loop.looks_generated(given):
+        return given
     try:
         params = current_flow_run.parameters
-        cfg = _config_param(params.get("config"), params.get("overrides"))
+        name = stage_loop.run_name(_config_param(params.get("config"), params.get("overrides")),
+                                   params.get("until"))
     except Exception:
-        return f"rlhf-{uuid.uuid4().hex[:6]}"
-    return stage_loop.run_name(cfg)
+        name = "rlhf"
+    return f"{name}-{str(current_flow_run.id or uuid.uuid4()).replace('-', '')[:6]}"
 
 
 def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, result_storage, logger):
@@ -161,7 +168,7 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     cfg = _config_param(config, overrides)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
-    name = current_flow_run.name or stage_loop.run_name(cfg)
+    name = current_flow_run.name or stage_loop.run_name(cfg, until)
     folder = Path(run_folder) if run_folder else stage_loop.run_dir(cfg, name, run_id)
     if stage_plans:
         store, plans = ArtifactStore.from_config(cfg.store), stage_plans

@@ -373,3 +373,27 @@ def test_s3_store_keeps_cache_records_in_the_bucket(fakes, tmp_path, prefect_api
                            use_listings_cache=False)
     assert len(fs.ls(f"{url}/_prefect/cache")) == 2
     assert fs.exists(f"{url}/runs/{second['run_id']}.json")
+
+
+def test_a_name_given_in_the_form_is_kept_and_generated_names_are_unique(fakes, tmp_path, prefect_api):
+    """A flow run created with a name (the UI form, run_deployment) keeps it; one Prefect named (`word-word`) is
+    renamed to what differs (until included) plus a piece of its id, so two runs of one config differ."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import rlhf_pipeline
+
+    params = {"config": load_config(None, [f"store.url={tmp_path / 'store'}",
+                                           f"execution.runs_dir={tmp_path / 'runs'}"]).model_dump(mode="json"),
+              "until": "data", "overrides": ["ppo.kl_coef=0.05"]}
+    names = []
+    with get_client(sync_client=True) as client:
+        for given in ("KL sweep: baseline", "brave-otter", "calm-heron"):
+            run = client.create_flow_run(rlhf_pipeline, name=given, parameters=params)
+            run_flow(rlhf_pipeline, flow_run=run, parameters=params)
+            names.append(client.read_flow_run(run.id).name)
+    assert names[0] == "KL sweep: baseline"
+    for name in names[1:]:
+        assert name.startswith("demo-kl_coef0.05-until-data-") and len(name.rsplit("-", 1)[1]) == 6
+    assert names[1] != names[2]
+    assert fakes() == ["data"]

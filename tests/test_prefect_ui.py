@@ -88,3 +88,15 @@ def test_an_overrides_typo_is_reported_as_overrides():
         _config_param({"bogus": 1}, ["ppo.kl_coef=0.2"])
     with pytest.raises(ConfigError, match=r"^--set: ppo.klcoef: unknown key"):  # the CLI keeps its own name
         load_config(None, ["ppo.klcoef=0.05"])
+
+
+def test_run_names_say_what_differs_including_until():
+    from flows.stage_loop import looks_generated, run_name
+
+    cfg = load_config(None, ["ppo.kl_coef=0.05"])
+    assert run_name(cfg) == run_name(cfg, "eval") and run_name(cfg).startswith("demo-kl_coef0.05-")
+    assert run_name(cfg, "reward").startswith("demo-kl_coef0.05-until-reward-")
+    other_store = load_config(None, ["ppo.kl_coef=0.05", "store.url=/elsewhere"])
+    assert run_name(other_store) != run_name(cfg)  # the hash covers the whole config
+    assert looks_generated("brave-otter") and looks_generated(None) and looks_generated("")
+    assert not looks_generated("kl-sweep-1") and not looks_generated("Baseline") and not looks_generated("my run")
