@@ -397,3 +397,31 @@ def test_a_name_given_in_the_form_is_kept_and_generated_names_are_unique(fakes, 
         assert name.startswith("demo-kl_coef0.05-until-data-") and len(name.rsplit("-", 1)[1]) == 6
     assert names[1] != names[2]
     assert fakes() == ["data"]
+
+
+def test_pull_step_reads_the_workers_project_dir_at_run_time(tmp_path, monkeypatch, prefect_api):
+    """`prefect deploy` templates the pull steps with the deploying machine's environment: our step has nothing
+    to fill in, and run on the "worker" (Prefect's own run_steps) it goes to the worker's folder."""
+    import asyncio
+    import os
+
+    import yaml
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.templating import apply_values
+
+    pull = yaml.safe_load((TESTS.parent / "deployments" / "prefect.yaml").read_text())["pull"]
+    monkeypatch.setenv("RLHF_PROJECT_DIR", "/home/laptop/rlhf-tasks")  # the deploying machine
+    stored = apply_values(pull, dict(os.environ), remove_notset=False)  # what `prefect deploy` does with them
+    assert "/home/laptop" not in str(stored)
+
+    worker_dir = tmp_path / "checkout"
+    worker_dir.mkdir()
+    monkeypatch.setenv("RLHF_PROJECT_DIR", str(worker_dir))  # the worker, later
+    monkeypatch.chdir(tmp_path)
+    outputs = asyncio.run(run_steps(stored))
+    assert Path.cwd() == worker_dir and outputs["directory"] == str(worker_dir)
+
+    monkeypatch.delenv("RLHF_PROJECT_DIR")
+    with pytest.raises(Exception) as failed:
+        asyncio.run(run_steps(stored))
+    assert "RLHF_PROJECT_DIR is not set on this worker" in str(failed.value.__cause__)

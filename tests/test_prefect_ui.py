@@ -100,3 +100,4 @@ def test_run_names_say_what_differs_including_until():
     assert run_name(other_store) != run_name(cfg)  # the hash covers the whole config
     assert looks_generated("brave-otter") and looks_generated(None) and looks_generated("")
     assert not looks_generated("kl-sweep-1") and not looks_generated("Baseline") and not looks_generated("my run")
+
