@@ -26,7 +26,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
 
 from rlhf_tasks import preflight
-from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
+from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config
 from rlhf_tasks.errors import ConfigError, StageFailed
 from rlhf_tasks.stages import ALL_STAGES, StagePlan, StageSpec
 from rlhf_tasks.store import ArtifactStore
@@ -104,17 +104,23 @@ def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineCon
     if value is None:
         value = load_config(None)
     tree = value.model_dump(mode="json", by_alias=True) if isinstance(value, PipelineConfig) else dict(value)
-    apply_overrides(tree, overrides or [])
-    return config_from_dict(tree, origin="parameters.config")
+    return config_from_dict(tree, origin="parameters.config", overrides=overrides, overrides_origin="overrides")
 
 
 def _flow_run_name() -> str:
+    """The run's name (Prefect calls this when the flow starts and renames the run to it): a name given in the
+    UI form or to `run_deployment` stays; a generated one becomes `<run_name>-<6 hex of the run id>`, unique and
+    saying what differs (bad parameters get `rlhf-...`: the flow fails on them right after, with one line)."""
+    given = current_flow_run.name
+    if not stage_loop.looks_generated(given):
+        return given
     try:
         params = current_flow_run.parameters
-        cfg = _config_param(params.get("config"), params.get("overrides"))
+        name = stage_loop.run_name(_config_param(params.get("config"), params.get("overrides")),
+                                   params.get("until"))
     except Exception:
-        return f"rlhf-{uuid.uuid4().hex[:6]}"
-    return stage_loop.run_name(cfg)
+        name = "rlhf"
+    return f"{name}-{str(current_flow_run.id or uuid.uuid4()).replace('-', '')[:6]}"
 
 
 def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, result_storage, logger):
@@ -149,9 +155,12 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     Stages whose artifact already exists in the store (same config slice, inputs and code) are reused.
 
     Args:
-        config: the pipeline config (defaults to the tiny preset).
-        until: the last stage to run.
-        overrides: `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"].
+        config: the pipeline config, one section per stage (defaults to the tiny preset).
+        until: the last stage to run (`rlhf run --until`): `data`, `sft`, `reward`, `ppo` (or the method's step 3)
+            or `eval` (the default, the whole pipeline); the stages after it are not run.
+        overrides: changes to `config`, one `KEY=VALUE` item each, as `rlhf run --set` takes them: a dotted key and
+            a YAML value, e.g. `ppo.kl_coef=0.05`, `sft.max_steps=20`, `execution.work_pool=gpu`. Empty: `config`
+            as it is. A wrong key is reported as `overrides: <key>: unknown key`.
         stage_plans: the checked plan `rlhf run` computed for this config (leave empty: the flow then checks the
             inputs and plans itself).
         run_folder: the local folder for this run's stage jobs (leave empty: `<runs_dir>/<run name>-<flow run
@@ -161,7 +170,7 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     cfg = _config_param(config, overrides)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
-    name = current_flow_run.name or stage_loop.run_name(cfg)
+    name = current_flow_run.name or stage_loop.run_name(cfg, until)
     folder = Path(run_folder) if run_folder else stage_loop.run_dir(cfg, name, run_id)
     if stage_plans:
         store, plans = ArtifactStore.from_config(cfg.store), stage_plans

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, load_config
+from rlhf_tasks.config.methods import pipeline_stages
 from rlhf_tasks.errors import UserError
 from rlhf_tasks.stages import STAGES, StagePlan, StageSpec, _flatten, make_spec
 from rlhf_tasks.store import ArtifactStore, canonical_json, compute_key
@@ -21,14 +22,27 @@ RUNS_PREFIX = "runs"
 _NAME_SECTIONS = ("method", "models", *STAGES, "dpo")  # what shapes results: the method, models, each stage's section
 
 
-def config_hash(cfg: PipelineConfig) -> str:
-    """Short hash of everything that shapes the results (not placement, timeouts or the store)."""
-    dump = cfg.model_dump(mode="json", by_alias=True)
-    return compute_key({k: dump[k] for k in ("experiment", *_NAME_SECTIONS)})[:6]
+# Prefect's own names for a run nobody named: the server's `generate_slug(2)` and the UI form's prefilled random
+# name are both two lowercase words, e.g. `brave-otter`.
+_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
 
 
-def run_name(cfg: PipelineConfig) -> str:
-    """`<experiment>-<what differs from the default preset>-<hash>`, e.g. `demo-kl_coef0.05-1a2b3c`."""
+def config_hash(cfg: PipelineConfig, until: str | None = None) -> str:
+    """Short hash of the whole config and the last stage (default: the method's last): two runs that differ in
+    anything differ in it."""
+    until = until or pipeline_stages(cfg)[-1]
+    return compute_key({"config": cfg.model_dump(mode="json", by_alias=True), "until": until})[:6]
+
+
+def looks_generated(name: str | None) -> bool:
+    """True for a run name Prefect made up (`_GENERATED_NAME`); a name a person typed is anything else."""
+    return not name or _GENERATED_NAME.fullmatch(name) is not None
+
+
+def run_name(cfg: PipelineConfig, until: str | None = None) -> str:
+    """`<experiment>-<what differs from the default preset>[-until-<stage>]-<hash>`, e.g.
+    `demo-kl_coef0.05-1a2b3c` or `demo-kl_coef0.05-until-reward-4d5e6f`: the hash covers the whole config and
+    `until` (a stage before the method's last one is named, the default is not)."""
     base = _flatten({k: v for k, v in load_config(None).model_dump(mode="json", by_alias=True).items()
                      if k in _NAME_SECTIONS})
     mine = _flatten({k: v for k, v in cfg.model_dump(mode="json", by_alias=True).items() if k in _NAME_SECTIONS})
@@ -40,7 +54,9 @@ def run_name(cfg: PipelineConfig) -> str:
         parts.append(f"{leaf}{'' if value is None else canonical_json(value).strip(chr(34))}")
     if len(diffs) > 2:
         parts.append(f"+{len(diffs) - 2}")
-    parts.append(config_hash(cfg))
+    if until is not None and until != pipeline_stages(cfg)[-1]:
+        parts.append(f"until-{until}")
+    parts.append(config_hash(cfg, until))
     return re.sub(r"[^A-Za-z0-9._+:-]+", "_", "-".join(parts))[:120]
 
 

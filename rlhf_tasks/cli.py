@@ -146,7 +146,7 @@ def cmd_plan(args) -> int:
         return 0
     from .stages import method_summary
 
-    _say(f"plan for {run_name(cfg)} (store {store.url}):")
+    _say(f"plan for {run_name(cfg, args.until)} (store {store.url}):")
     _say(method_summary(cfg, plans))
     print_table(("STAGE", "STATUS", "KEY", "REASON"),
                 [(p.stage, "cached" if p.cached else "will-run", p.key, p.reason) for p in plans])
@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
     from flows.stage_loop import run_name
 
     cfg, store, plans = plan_from_args(args)
-    name = run_name(cfg)
+    name = run_name(cfg, args.until)
     todo = [p.stage for p in plans if not p.cached]
     _say(f"run {name}: {len(plans) - len(todo)} cached, {len(todo)} to run ({', '.join(todo) or 'nothing'}); "
          f"store {store.url}")

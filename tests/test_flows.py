@@ -373,3 +373,55 @@ def test_s3_store_keeps_cache_records_in_the_bucket(fakes, tmp_path, prefect_api
                            use_listings_cache=False)
     assert len(fs.ls(f"{url}/_prefect/cache")) == 2
     assert fs.exists(f"{url}/runs/{second['run_id']}.json")
+
+
+def test_a_name_given_in_the_form_is_kept_and_generated_names_are_unique(fakes, tmp_path, prefect_api):
+    """A flow run created with a name (the UI form, run_deployment) keeps it; one Prefect named (`word-word`) is
+    renamed to what differs (until included) plus a piece of its id, so two runs of one config differ."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import rlhf_pipeline
+
+    params = {"config": load_config(None, [f"store.url={tmp_path / 'store'}",
+                                           f"execution.runs_dir={tmp_path / 'runs'}"]).model_dump(mode="json"),
+              "until": "data", "overrides": ["ppo.kl_coef=0.05"]}
+    names = []
+    with get_client(sync_client=True) as client:
+        for given in ("KL sweep: baseline", "brave-otter", "calm-heron"):
+            run = client.create_flow_run(rlhf_pipeline, name=given, parameters=params)
+            run_flow(rlhf_pipeline, flow_run=run, parameters=params)
+            names.append(client.read_flow_run(run.id).name)
+    assert names[0] == "KL sweep: baseline"
+    for name in names[1:]:
+        assert name.startswith("demo-kl_coef0.05-until-data-") and len(name.rsplit("-", 1)[1]) == 6
+    assert names[1] != names[2]
+    assert fakes() == ["data"]
+
+
+def test_pull_step_reads_the_workers_project_dir_at_run_time(tmp_path, monkeypatch, prefect_api):
+    """`prefect deploy` templates the pull steps with the deploying machine's environment: our step has nothing
+    to fill in, and run on the "worker" (Prefect's own run_steps) it goes to the worker's folder."""
+    import asyncio
+    import os
+
+    import yaml
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.templating import apply_values
+
+    pull = yaml.safe_load((TESTS.parent / "deployments" / "prefect.yaml").read_text())["pull"]
+    monkeypatch.setenv("RLHF_PROJECT_DIR", "/home/laptop/rlhf-tasks")  # the deploying machine
+    stored = apply_values(pull, dict(os.environ), remove_notset=False)  # what `prefect deploy` does with them
+    assert "/home/laptop" not in str(stored)
+
+    worker_dir = tmp_path / "checkout"
+    worker_dir.mkdir()
+    monkeypatch.setenv("RLHF_PROJECT_DIR", str(worker_dir))  # the worker, later
+    monkeypatch.chdir(tmp_path)
+    outputs = asyncio.run(run_steps(stored))
+    assert Path.cwd() == worker_dir and outputs["directory"] == str(worker_dir)
+
+    monkeypatch.delenv("RLHF_PROJECT_DIR")
+    with pytest.raises(Exception) as failed:
+        asyncio.run(run_steps(stored))
+    assert "RLHF_PROJECT_DIR is not set on this worker" in str(failed.value.__cause__)

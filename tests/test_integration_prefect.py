@@ -134,6 +134,10 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     out = _prefect(env, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     for name in ("on-demand", "scheduled-retrain", "gpu"):
         assert name in out
+    # The stored pull step names the worker's variable, not this machine's RLHF_PROJECT_DIR (ROOT).
+    inspected = _prefect(env, "deployment", "inspect", "rlhf-pipeline/on-demand")
+    pull = re.search(r"'pull_steps': \[(.*?)\]", inspected, re.S)
+    assert pull and "set_project_dir" in pull.group(1) and str(ROOT) not in pull.group(1), inspected
     url = f"{s3_bucket}/exp"
     overrides = [f"store.url={url}", f"store.endpoint_url={moto_server}", "execution.work_pool=gpu",
                  f"execution.runs_dir={tmp_path / 'runs'}", "execution.retry_delay_s=0"]

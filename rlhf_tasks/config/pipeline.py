@@ -135,7 +135,7 @@ class PipelineConfig(Section):
         return self
 
 
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any, origin: str = "--set") -> None:
     keys = dotted.split(".")
     node = tree
     for i, k in enumerate(keys[:-1]):
@@ -143,7 +143,7 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[k] = {}
         elif not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+            raise ConfigError(f"{origin} {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = nxt
     node[keys[-1]] = value
 
@@ -165,23 +165,24 @@ def parse_value(raw: str) -> Any:
     return value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
+def parse_override(item: str, origin: str = "--set") -> tuple[str, Any]:
+    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists).
+    `origin` names where the item came from in messages (`--set` on the CLI, `overrides` in a flow run)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{origin} {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not DOTTED_KEY.fullmatch(key):
-        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+        raise ConfigError(f"{origin} {item!r}: bad key {key!r}")
     return key, parse_value(raw)
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
-    """Apply `--set KEY=VALUE` items to a config tree in place; returns the keys set."""
+def apply_overrides(tree: dict, overrides: list[str], origin: str = "--set") -> list[str]:
+    """Apply `KEY=VALUE` items to a config tree in place; returns the keys set. `origin`: see parse_override."""
     keys = []
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(tree, key, value)
+        key, value = parse_override(item, origin)
+        set_dotted(tree, key, value, origin)
         keys.append(key)
     return keys
 
@@ -256,18 +257,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
         path = preset_path(str(path))
     tree = read_yaml(path)
-    set_keys = apply_overrides(tree, overrides or [])
+    return config_from_dict(tree, str(path), overrides or [])
+
+
+def config_from_dict(tree: dict, origin: str = "config", overrides: list[str] | None = None,
+                     overrides_origin: str = "--set") -> PipelineConfig:
+    """Validate a plain dict (e.g. Prefect parameters) with the same one-line errors as files, after applying
+    `overrides` (`KEY=VALUE` items) to it in place. An error about a key the overrides set names
+    `overrides_origin` (`--set`, or the flow's `overrides` parameter); any other names `origin`."""
+    set_keys = apply_overrides(tree, overrides or [], overrides_origin)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         fields = _error_fields(e.errors()[0])
         by_set = any(f == k or f.startswith(k + ".") for f in fields for k in set_keys)
-        raise ConfigError(_format_error(e, "--set" if by_set else str(path))) from None
-
-
-def config_from_dict(tree: dict, origin: str = "config") -> PipelineConfig:
-    """Validate a plain dict (e.g. Prefect parameters) with the same one-line errors as files."""
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, origin)) from None
+        raise ConfigError(_format_error(e, overrides_origin if by_set else origin)) from None
