@@ -148,7 +148,8 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     first_s = time.time() - t0
     assert {s: v["status"] for s, v in first["stages"].items()} == dict.fromkeys(STAGES, "ran")
     events = _events(env)
-    assert [e[0] for e in events] == STAGES
+    order = [e[0] for e in events]  # sft and reward run at the same time (4 slots with a work pool): either first
+    assert order[0] == "data" and sorted(order[1:3]) == ["reward", "sft"] and order[3:] == ["ppo", "eval"]
     # The training stages ran in their own train-stage flow runs on the gpu pool; data and eval in the pipeline's.
     run_of = {e[0]: e[2] for e in events}
     assert run_of["data"] == run_of["eval"] == first["run_id"]
