@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_tasks.store import ArtifactStore
+from rlhf_tasks.training.op_builds import BUILD_PREFIX
 from rlhf_tasks.store_links import StoreLink, artifact_link
 
 # `step 12/100 loss=0.5 ...` as printed by the training core's MetricsLogger (and anything similar).
@@ -72,6 +73,11 @@ class StageLog:
             self.logger.info(line)
         if line.startswith("[lock] "):  # waiting for, or reusing, another run's artifact: the user should know
             console(f"  {line.removeprefix('[lock] ')}")
+            return
+        if line.startswith(BUILD_PREFIX):  # a one-time compile of minutes ahead: without this it looks hung
+            text = f"{self.stage}: {line.removeprefix(BUILD_PREFIX)}"
+            console(f"  {text}")
+            self._publish_progress(0.0, text)
             return
         prog = parse_progress(line)
         if prog is None:
