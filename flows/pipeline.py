@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed
 
 from rlhf_tasks import preflight
 from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config
@@ -69,7 +70,8 @@ def stage_task(spec: dict, inputs: dict[str, str]) -> str:
     execution = ExecutionConfig.model_validate(s.config["execution"])
     logger.info(f"{s.stage}: launching job (key {s.key})")
     # A failure raises StageFailed naming the log file; Prefect retries it (the job resumes from its checkpoint).
-    uri = runner.launch(s, execution, observe.StageLog(s.stage, s.run_dir, logger))
+    uri = runner.launch(s, execution, observe.StageLog(s.stage, s.run_dir, logger,
+                                                       experiment=s.config.get("experiment", "rlhf")))
     if uri != s.output_uri:
         raise StageFailed(s.stage, f"job returned {uri}, expected {s.output_uri}")
     return uri
@@ -137,9 +139,10 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, resul
             uri = p.uri
         status = "cached" if cached_now else "ran"
         entry = stage_loop.stage_entry(store, p, status, 0.0)
-        observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger)
+        on_task = dict(experiment=cfg.experiment, task_run_id=state.state_details.task_run_id)  # ran or cached
+        observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger, **on_task)
         if p.stage == "eval":
-            observe.publish_eval_report(store, uri, cfg.experiment, logger)
+            observe.publish_eval_report(store, uri, cfg.experiment, logger, task_run_id=on_task["task_run_id"])
         logger.info(f"{p.stage}: {status} ({state.name}) {uri}")
         return uri, {"prefect_state": state.name}
 
@@ -201,4 +204,8 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     if result.error is not None:
         raise result.error  # the flow run fails (Prefect shows why); `rlhf run` reads the record from the store
     logger.info(f"run record: {store.url}/{stage_loop.RUNS_PREFIX}/{run_id}.json")
-    return result.record
+    report = observe.report_line(store, result.record, cfg.experiment)
+    logger.info(report)
+    # The final state's message is the report line: the run header shows it, and Prefect's own last log line
+    # says "Finished in state Completed('report: ...')". The result is the record, as when returned plainly.
+    return Completed(message=report, data=result.record)

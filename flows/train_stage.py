@@ -44,7 +44,8 @@ def train_stage(spec: dict, execution: dict | None = None) -> str:
     s.run_dir = str(root / f"{s.stage}-{s.key}-{uuid.uuid4().hex[:8]}")  # this flow run's own folder
     logger.info(f"{s.stage}: launching job (key {s.key}, {ex.num_nodes}x{ex.num_procs} processes)")
     try:
-        return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger))
+        return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger,
+                                                    experiment=s.config.get("experiment", "rlhf")))
     except JobInputError as e:  # the submitting pipeline reads this message: bad input is not retried
         logger.error(str(e))
         return Failed(message=f"{BAD_INPUT_PREFIX}{e}")

@@ -15,7 +15,7 @@ from .config import PipelineConfig
 from .config.methods import STEP3, eval_inputs, pipeline_stages, policy_reads_reward_model
 from .config.rules import CRITIC_FIELDS, CRITIC_FREE
 from .provenance import code_hashes, library_versions
-from .store import MISSING, ArtifactStore, compute_key
+from .store import MISSING, ArtifactStore, compute_key, is_remote
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")  # the default method's (ppo) stages; a run has its method's
 
@@ -76,8 +76,10 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
     """The part of the config that determines a stage's output (placement, timeouts and the store do not)."""
     if stage == "data":
         data = cfg.data.model_dump(mode="json", by_alias=True)
-        for src in data["sources"]:  # local files enter the key by content (fingerprints), not by where they lie
-            if Path(src["path"]).is_absolute():
+        for src in data["sources"]:  # files enter the key by content (fingerprints), not by where they lie
+            if is_remote(src["path"]):
+                src["path"] = src["path"].rstrip("/").rsplit("/", 1)[-1]
+            elif Path(src["path"]).is_absolute():
                 src["path"] = Path(src["path"]).name
         return {"data": data, "tokenizer": _model(cfg, "tokenizer")}
     if stage == "sft":
@@ -115,9 +117,10 @@ def reward_fn_ref(cfg: PipelineConfig, stage: str) -> tuple[str, str] | None:
 
 
 def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
-    from .data.sources import fingerprint_source  # content hash of files; hub name + revision
+    from .data.sources import fingerprint_source  # content hash of files (local or at a URL); hub name + revision
 
-    return [fingerprint_source(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
+    return [fingerprint_source(s, f"data.sources[{i}]", cfg.store.endpoint_url)
+            for i, s in enumerate(cfg.data.sources)]
 
 
 def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str],

@@ -124,6 +124,25 @@ class FileHashes:
         return self.sha256(local_version(path), lambda: sha256_file(path), deep)
 
 
+def is_remote(path: str) -> bool:
+    """A path that is an fsspec URL (`s3://...`, `gs://...`), not a local path (nor a hub name)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def open_fs(url: str, endpoint_url: str | None = None):
+    """(fsspec filesystem, path) of `url` with the store's rules, for the store and for data sources alike: S3
+    through s3fs without listing caches (other processes write), at `endpoint_url` (default AWS_ENDPOINT_URL) when
+    one is set; credentials from the environment, never passed here. ValueError/ImportError: an unknown scheme,
+    or one whose package is not installed."""
+    opts: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        opts["use_listings_cache"] = False
+        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint_url:
+            opts["client_kwargs"] = {"endpoint_url": endpoint_url}
+    return fsspec.core.url_to_fs(url, **opts)
+
+
 def default_hashes() -> FileHashes:
     """The hash memory for files outside any store (data sources, local model folders)."""
     return FileHashes(cache_root() / "sha256")
@@ -190,13 +209,8 @@ class ArtifactStore:
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {}
-        if self.url.startswith("s3://"):
-            opts["use_listings_cache"] = False
-            if self.endpoint_url:
-                opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
+            self.fs, self.root = open_fs(self.url, self.endpoint_url)
         except (ValueError, ImportError) as e:  # an unknown scheme, or one whose package is not installed
             raise StoreError(f"store {url}: {str(e).splitlines()[0]} (use a local folder or s3://bucket/prefix)") \
                 from None

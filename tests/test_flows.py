@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core box needs minutes
         yield
 
 
@@ -117,7 +117,10 @@ def test_plan_reasons_without_prefect(fakes, tmp_path, prefect_api, capsys):
     assert fakes() == []  # plan launched nothing
 
 
-def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
+def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # both runs on the harness, whatever ran before
     store = tmp_path / "store"
     first = run_cli(store, tmp_path)
     assert statuses(first) == dict.fromkeys(stages.STAGES, "ran")
@@ -135,16 +138,42 @@ def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
     assert len(list((store / "_prefect" / "cache").iterdir())) == 5
     rec = json.loads((store / "runs" / f"{second['run_id']}.json").read_text())
     assert rec["eval_uri"] == second["stages"]["eval"]["uri"]
-    # Prefect artifacts of the first run: progress (parsed from `step i/n` lines), metrics table + samples, link.
+    # Prefect artifacts, keyed by experiment, on each stage's own task run: progress (parsed from `step i/n`
+    # lines), metrics table + samples, the stage key, the URI and the download command (a local store has no
+    # browser link: no file:// link).
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["run_id"]])))
-    by_key = {a.key: a for a in arts if a.key}
-    assert by_key["rlhf-sft-progress"].data == 100.0
-    assert "fake_loss" in by_key["rlhf-eval-metrics"].data and "Samples" in by_key["rlhf-eval-metrics"].data
-    assert first["stages"]["ppo"]["key"] in str(by_key["rlhf-ppo-artifact"].data)  # the link to the store
+        def artifacts(run_id):
+            found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            return {a.key: a for a in found if a.key}
+
+        first_arts, second_arts = artifacts(first["run_id"]), artifacts(second["run_id"])
+    assert first_arts["demo-sft-progress"].data == 100.0
+    eval_md = first_arts["demo-eval-metrics"].data
+    assert "fake_loss" in eval_md and "Samples" in eval_md
+    # The progress artifact is made inside the stage's task run; the metrics one is on that same task run.
+    for s in stages.STAGES:
+        assert first_arts[f"demo-{s}-metrics"].task_run_id == first_arts[f"demo-{s}-progress"].task_run_id
+    cached_tasks = {second_arts[f"demo-{s}-metrics"].task_run_id for s in stages.STAGES}
+    assert None not in cached_tasks and len(cached_tasks) == 5  # each cached stage's own (new) task run
+    assert not cached_tasks & {first_arts[f"demo-{s}-metrics"].task_run_id for s in stages.STAGES}
+    for s in stages.STAGES:  # ran, then cached: the status, the URI, the key and the download command
+        for arts, status in ((first_arts, "ran"), (second_arts, "cached")):
+            art = arts[f"demo-{s}-metrics"]
+            assert f"### {s}: {status}" in art.data
+            assert f"`{first['stages'][s]['key']}`" in art.data and f"`rlhf store get {first['stages'][s]['uri']}`" in art.data
+            assert "file://" not in art.data
+    assert not any(k.endswith("-artifact") for k in first_arts)  # no link artifact without an http(s) link
+    # The flow run's final state message (the run header) and so its last log line (as the run log has it; the UI
+    # shows the same records) point at the report.
+    [run_log] = [f for f in (tmp_path / "runs").glob("*/run.log") if second["run_id"] in f.read_text()]
+    flow_lines = [ln.split(" prefect.flow_runs: ", 1)[1] for ln in run_log.read_text().splitlines()
+                  if " prefect.flow_runs: " in ln]
+    report = (f"report: {second['stages']['eval']['uri']}/report.md; in Prefect: the eval task run's artifacts "
+              f"(demo-eval-report); from a shell: `rlhf report {second['run_id']} --store {store}`")
+    assert flow_lines[-2:] == [report, f"Finished in state Completed({report!r})"]
 
 
 def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_path, prefect_api, monkeypatch):

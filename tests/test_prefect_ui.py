@@ -101,3 +101,27 @@ def test_run_names_say_what_differs_including_until():
     assert looks_generated("brave-otter") and looks_generated(None) and looks_generated("")
     assert not looks_generated("kl-sweep-1") and not looks_generated("Baseline") and not looks_generated("my run")
 
+
+
+def test_a_pending_deepspeed_compile_is_announced_before_it_starts(tmp_path, monkeypatch, capsys):
+    """A job about to compile a DeepSpeed op says so in one `[build]` line (an empty extensions folder); with the
+    op compiled already it says nothing; the flow's relay turns the line into a console line (and a progress
+    artifact inside Prefect)."""
+    from flows import observe
+    from rlhf_tasks.training.op_builds import COMM_OPS, announce_pending_builds
+
+    shared = announce_pending_builds(COMM_OPS)  # the suite's extensions folder: compiled by earlier jobs
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lines = []
+    assert announce_pending_builds(COMM_OPS, lines.append) == ["deepspeed_shm_comm"]
+    assert lines == [f"[build] compiling DeepSpeed op deepspeed_shm_comm (once per machine, a few minutes on a small "
+                     f"CPU; kept in {tmp_path / 'ext'})"]
+    assert shared in ([], ["deepspeed_shm_comm"])
+    echoed = []
+    observe.set_console(echoed.append)
+    try:
+        observe.StageLog("sft", tmp_path)(lines[0] + "\n")
+    finally:
+        observe.set_console(None)
+    assert echoed == ["  sft: compiling DeepSpeed op deepspeed_shm_comm (once per machine, a few minutes on a small "
+                      f"CPU; kept in {tmp_path / 'ext'})"]
