@@ -223,3 +223,20 @@ def test_stage_generation_runs_cached_merged_and_in_eval_mode(tiny, generation):
     in_generation = [n for n in wrapper_calls if n <= 8]  # the experience pass (unmerged, training weights) after
     assert bool(in_generation) == (generation == "hf")  # hf: merged wrappers called; the loop: base layers only
     assert engine.actor.module.training and not any(m.merged for m in lora_layers), "train mode, unmerged after"
+
+
+def test_shared_prompt_prefix_under_zero3_and_lora(tiny):
+    """Prompts behind one long system text (its tokens computed once by the static loop) through the hybrid engine
+    at ZeRO-3 with LoRA: greedy output equal to plain `generate` on the merged weights."""
+    path, tok, *_ = tiny
+    system = " Human: You are a helpful assistant, you answer every question about the old city by the river."
+    ids, mask = left_pad([tok(system + p.removeprefix(" Human:"))["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    model = apply_lora(_lively(load_causal_lm(path)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _lively(model, names="lora_B")
+    plain = copy.deepcopy(model).merge_and_unload().eval()
+    eos = _eos_ids(plain, ids, mask, tok)
+    engine = build_engine(model, TrainingConfig(zero_stage=3, micro_batch_size=3), lr=1e-3, total_steps=2)
+    he = PortableHybridEngine(engine, generation="auto")
+    out = he.generate(ids, mask, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    assert he.decoder.last_shared_prefix >= 8
+    assert torch.equal(out, _greedy(plain, ids, mask, tok, eos=eos))
