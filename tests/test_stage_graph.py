@@ -57,8 +57,8 @@ def test_independent_stages_run_together_in_threads_that_see_the_stop_event(diam
     result = run_stages(local_store, diamond, run_one, lambda _: None, max_parallel=2)
     assert result.error is None and calls[0] == "data" and calls[-2:] == ["ppo", "eval"]
     assert all(e["stop_visible"] for e in result.stages.values())  # the scheduler's context reached the threads
-    sft, reward = result.stages["sft"], result.stages["reward"]
-    assert sft["started_at"] < reward["finished_at"] and reward["started_at"] < sft["finished_at"]
+    sft, reward = result.stages["sft"], result.stages["reward"]  # (the barrier proved it; the times agree)
+    assert sft["started_at"] <= reward["finished_at"] and reward["started_at"] <= sft["finished_at"]
 
 
 def test_one_slot_never_runs_two_at_once(diamond, local_store):
