@@ -172,9 +172,30 @@ def plan_sweep(base: PipelineConfig, axes: list[GridAxis], labels: list[str],
             store, p = preflight.checked_plan(v.cfg, until)
         plans.append(p)
         notes += [line for line in out.getvalue().splitlines() if line not in notes]
+    check_axes_matter(axes, labels, variants, plans, until)
     for line in notes:
         print(line, flush=True)
     return store, SweepPlan(variants, plans)
+
+
+def check_axes_matter(axes: list[GridAxis], labels: list[str], variants: list[Variant],
+                      plans: list[list[StagePlan]], until: str) -> None:
+    """Every axis with two or more values changes some variant's stages; else its variants are one run made twice
+    and compared with itself: it sets a key no stage of the method reads up to `until` (`--grid dpo.beta=...` with
+    method ppo, `--grid ppo.kl_coef=...` with `--until reward`). An axis that matters for some values of another
+    axis only (`dpo.beta` beside `method=ppo,dpo`) is kept."""
+    for axis, label in zip(axes, labels):
+        if len(axis.values) < 2:
+            continue
+        stages_by_rest: dict[str, set[tuple[str, ...]]] = {}
+        for v, p in zip(variants, plans):
+            rest = canonical_json({k: x for k, x in v.assignment.items() if k != axis.key})
+            stages_by_rest.setdefault(rest, set()).add(tuple(s.uri for s in p))
+        if all(len(uris) == 1 for uris in stages_by_rest.values()):
+            methods = sorted({v.cfg.method for v in variants})
+            which = f"method{'s' if len(methods) > 1 else ''} {', '.join(methods)}"
+            raise ConfigError(f"{label}: every value plans the same stages (no stage of {which} up to {until} "
+                              f"reads {axis.key})")
 
 
 def sweep_id(base: PipelineConfig, axes: list[GridAxis], until: str) -> str:

@@ -64,6 +64,33 @@ def test_the_same_key_twice_and_no_grid_are_refused(tmp_path, capsys):
     assert "--grid" in capsys.readouterr().err and not (tmp_path / "store").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--grid", "dpo.beta=0.1,0.2"], "--grid dpo.beta=0.1,0.2: every value plans the same stages (no stage of "
+     "method ppo up to eval reads dpo.beta)"),
+    (["--grid", "ppo.kl_coef=0.1,0.2", "--until", "reward"], "--grid ppo.kl_coef=0.1,0.2: every value plans the "
+     "same stages (no stage of method ppo up to reward reads ppo.kl_coef)"),
+    (["--set", "method=dpo", "--grid", "sft.optim.lr=1e-3,2e-3", "--grid", "ppo.kl_coef=0.1,0.2"],
+     "--grid ppo.kl_coef=0.1,0.2: every value plans the same stages (no stage of method dpo up to eval reads "
+     "ppo.kl_coef)"),
+])
+@pytest.mark.parametrize("command", ["sweep", "plan"])
+def test_an_axis_no_stage_reads_is_refused_before_anything_is_written(tmp_path, capsys, command, args, says):
+    rc = main([command, *_args(tmp_path / "store", tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {says}"]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_axis_that_matters_for_some_values_of_another_is_kept(tmp_path, capsys):
+    rc = main(["plan", *_args(tmp_path / "store", tmp_path), "--grid", "method=ppo,dpo", "--grid",
+               "dpo.beta=0.1,0.2", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    policy = [(n["stage"], n["variants"]) for n in json.loads(out.out) if n["stage"] in ("ppo", "dpo")]
+    assert policy == [("ppo", ["method=ppo,beta=0.1", "method=ppo,beta=0.2"]),  # beta: not read by ppo, one run
+                      ("dpo", ["method=dpo,beta=0.1"]), ("dpo", ["method=dpo,beta=0.2"])]
+
+
 def test_grid_values_parse_like_set_and_name_the_variants():
     from rlhf_tasks.sweep import expand, grid_labels, parse_grid_arg, split_values
 
