@@ -110,19 +110,13 @@ def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineCon
 
 
 def _flow_run_name() -> str:
-    """The run's name (Prefect calls this when the flow starts and renames the run to it): a name given in the
-    UI form or to `run_deployment` stays; a generated one becomes `<run_name>-<6 hex of the run id>`, unique and
-    saying what differs (bad parameters get `rlhf-...`: the flow fails on them right after, with one line)."""
-    given = current_flow_run.name
-    if not stage_loop.looks_generated(given):
-        return given
-    try:
+    """The run's name (Prefect calls this when the flow starts and renames the run to it): a given one stays, a
+    generated one becomes `<run_name>-<6 hex of the run id>` (stage_loop.flow_run_name)."""
+    def make_name() -> str:
         params = current_flow_run.parameters
-        name = stage_loop.run_name(_config_param(params.get("config"), params.get("overrides")),
-                                   params.get("until"))
-    except Exception:
-        name = "rlhf"
-    return f"{name}-{str(current_flow_run.id or uuid.uuid4()).replace('-', '')[:6]}"
+        return stage_loop.run_name(_config_param(params.get("config"), params.get("overrides")), params.get("until"))
+
+    return stage_loop.flow_run_name(current_flow_run.name, current_flow_run.id, make_name, fallback="rlhf")
 
 
 def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, result_storage, logger):

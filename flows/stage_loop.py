@@ -8,6 +8,7 @@ import contextvars
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,19 @@ def config_hash(cfg: PipelineConfig, until: str | None = None) -> str:
 def looks_generated(name: str | None) -> bool:
     """True for a run name Prefect made up (`_GENERATED_NAME`); a name a person typed is anything else."""
     return not name or _GENERATED_NAME.fullmatch(name) is not None
+
+
+def flow_run_name(given: str | None, run_id: Any, make_name: Callable[[], str], fallback: str) -> str:
+    """A flow run's name from the name it was given: a name a person gave (the UI form, `run_deployment`) stays;
+    a generated one becomes `<make_name()>-<6 hex of the run id>`, unique and saying what the run is (`fallback`
+    when `make_name` raises on bad parameters: the flow fails on them right after, with one line)."""
+    if not looks_generated(given):
+        return given
+    try:
+        name = make_name()
+    except Exception:
+        name = fallback
+    return f"{name}-{str(run_id or uuid.uuid4()).replace('-', '')[:6]}"
 
 
 def run_name(cfg: PipelineConfig, until: str | None = None) -> str:

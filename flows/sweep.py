@@ -36,13 +36,15 @@ def _axes(grid) -> list[GridAxis]:
 
 
 def _sweep_run_name() -> str:
-    try:
+    """As the pipeline's (stage_loop.flow_run_name): a given name stays, a generated one becomes
+    `<experiment>-sweep-<6 hex of the sweep id>-<6 hex of the run id>`."""
+    def make_name() -> str:
         params = current_flow_run.parameters
         cfg = _config_param(params.get("config"), params.get("overrides"))
         return sweep_loop.sweep_name(cfg.experiment, sweep.sweep_id(cfg, _axes(params.get("grid")),
                                                                     params.get("until", "eval")))
-    except Exception:
-        return f"rlhf-sweep-{uuid.uuid4().hex[:6]}"
+
+    return stage_loop.flow_run_name(current_flow_run.name, current_flow_run.id, make_name, fallback="rlhf-sweep")
 
 
 def publish_sweep_report(result: sweep_loop.SweepResult, report_dir: Path, experiment: str, logger) -> None:

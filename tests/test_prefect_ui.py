@@ -30,9 +30,10 @@ def _flow_schemas():
     from prefect.utilities.callables import parameter_schema
 
     from flows.pipeline import rlhf_pipeline
+    from flows.sweep import rlhf_sweep
     from flows.train_stage import train_stage
 
-    return {f.name: parameter_schema(f.fn).model_dump() for f in (rlhf_pipeline, train_stage)}
+    return {f.name: parameter_schema(f.fn).model_dump() for f in (rlhf_pipeline, rlhf_sweep, train_stage)}
 
 
 def test_every_flow_parameter_has_a_description_and_overrides_shows_its_syntax():
@@ -100,6 +101,20 @@ def test_run_names_say_what_differs_including_until():
     assert run_name(other_store) != run_name(cfg)  # the hash covers the whole config
     assert looks_generated("brave-otter") and looks_generated(None) and looks_generated("")
     assert not looks_generated("kl-sweep-1") and not looks_generated("Baseline") and not looks_generated("my run")
+
+
+def test_flow_run_names_keep_a_given_name_and_make_generated_ones_unique():
+    from flows.stage_loop import flow_run_name
+
+    def bad_parameters():
+        raise ConfigError("overrides: ppo.klcoef: unknown key")
+
+    run_id = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    assert flow_run_name("kl sweep, take 2", run_id, lambda: "demo-x", "rlhf") == "kl sweep, take 2"
+    assert flow_run_name("brave-otter", run_id, lambda: "demo-sweep-9ab4f6", "rlhf") == "demo-sweep-9ab4f6-0a1b2c"
+    assert flow_run_name(None, run_id, bad_parameters, "rlhf-sweep") == "rlhf-sweep-0a1b2c"
+    other = flow_run_name("brave-otter", "ffffffff-4e5f-6789-abcd-ef0123456789", lambda: "demo-sweep-9ab4f6", "x")
+    assert other != flow_run_name("brave-otter", run_id, lambda: "demo-sweep-9ab4f6", "x")
 
 
 
