@@ -24,7 +24,17 @@ MAX_PANELS = 12
 # the update statistics and the gold score, plotted first and together.
 PPO_GLANCE = ("reward/score_mean", "kl/ref", "entropy", "response/length", "policy/approx_kl", "policy/clipfrac",
               "gold/mean", "response/eos_rate")
-STAGE_TITLES = {"data": "Data", "sft": "SFT", "reward": "Reward model", "ppo": "PPO", "eval": "Evaluation"}
+STAGE_TITLES = {"data": "Data", "sft": "SFT", "reward": "Reward model", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO",
+                "dpo": "DPO", "eval": "Evaluation"}  # every stage (rlhf_tasks.stages.STAGE_DEFS), in pipeline order
+
+
+def _save(fig, path: Path) -> bool:
+    """Lay out, write `path` (its folder made) and free the figure; True, for the plot functions to return."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def _is_num(v) -> bool:
@@ -81,11 +91,7 @@ def plot_history(history: list[dict], title: str, path: Path, max_panels: int = 
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_eval_scores(samples: list[dict], policies: list[str], path: Path) -> bool:
@@ -112,11 +118,7 @@ def plot_eval_scores(samples: list[dict], policies: list[str], path: Path) -> bo
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Held-out answers", fontsize=12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def safe_name(name: str) -> str:
@@ -162,8 +164,4 @@ def plot_scores_against_kl(points: list[tuple[str, float, dict[str, float]]], pa
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Sweep: score against KL", fontsize=12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
