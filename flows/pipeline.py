@@ -153,8 +153,9 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
 
     Args:
         config: the pipeline config, one section per stage (defaults to the tiny preset).
-        until: the last stage to run (`rlhf run --until`): `data`, `sft`, `reward`, `ppo` (or the method's step 3)
-            or `eval` (the default, the whole pipeline); the stages after it are not run.
+        until: the last stage to run (`rlhf run --until`): `data`, `sft`, `reward`, the method's policy stage
+            (`ppo`, `grpo`, `rloo` or `dpo`) or `eval` (the default, the whole pipeline); the stages after it are
+            not run.
         overrides: changes to `config`, one `KEY=VALUE` item each, as `rlhf run --set` takes them: a dotted key and
             a YAML value, e.g. `ppo.kl_coef=0.05`, `sft.max_steps=20`, `execution.work_pool=gpu`. Empty: `config`
             as it is. A wrong key is reported as `overrides: <key>: unknown key`.

@@ -43,7 +43,7 @@ def test_every_flow_parameter_has_a_description_and_overrides_shows_its_syntax()
     pipeline = _flow_schemas()["rlhf-pipeline"]["properties"]
     assert "`KEY=VALUE`" in pipeline["overrides"]["description"]
     assert "`ppo.kl_coef=0.05`" in pipeline["overrides"]["description"]
-    assert "`eval`" in pipeline["until"]["description"]
+    assert "`eval`" in pipeline["until"]["description"] and "`dpo`" in pipeline["until"]["description"]
 
 
 def test_no_description_holds_an_angle_bracket_the_markdown_renderer_would_drop():

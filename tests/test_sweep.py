@@ -15,7 +15,7 @@ import pytest
 from rlhf_tasks import stages
 from rlhf_tasks.cli import main
 from rlhf_tasks.config import load_config
-from test_flows import _args, fakes, prefect_api, run_cli, site_dir, statuses  # noqa: F401  (fixtures)
+from test_flows import _args, fakes, prefect_api, site_dir, statuses  # noqa: F401  (fixtures)
 
 GRID = "ppo.kl_coef=0.05,0.1,0.2"
 
