@@ -17,6 +17,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed
 
 from rlhf_tasks import sweep
 from rlhf_tasks.config import PipelineConfig, load_config
@@ -24,6 +25,7 @@ from rlhf_tasks.config.grid import GridAxis
 from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.stages import StagePlan
 from rlhf_tasks.store import ArtifactStore
+from rlhf_tasks.store_links import artifact_link
 
 from . import observe, stage_loop, storage, sweep_loop
 from .pipeline import StageName, _config_param, _stage_runner
@@ -47,7 +49,20 @@ def _sweep_run_name() -> str:
     return stage_loop.flow_run_name(current_flow_run.name, current_flow_run.id, make_name, fallback="rlhf-sweep")
 
 
-def publish_sweep_report(result: sweep_loop.SweepResult, report_dir: Path, experiment: str, logger) -> None:
+def report_where(store: ArtifactStore, sweep_id: str, result: sweep_loop.SweepResult) -> str:
+    """Where the sweep's report is: a link a browser opens (presigned S3 GET, http store; store_links), else its
+    URI in the store."""
+    from rlhf_tasks.evaluation.sweep_report import REPORT_NAME
+
+    try:
+        link = artifact_link(store, sweep_loop.SWEEPS_PREFIX, sweep_id, REPORT_NAME)
+    except Exception:  # noqa: BLE001 - a link is a convenience: the URI still says where the report is
+        return str(result.report_uri)
+    return f"{link.url} ({link.how} link)" if link.url else str(result.report_uri)
+
+
+def publish_sweep_report(result: sweep_loop.SweepResult, report_dir: Path, experiment: str, where: str,
+                         logger) -> None:
     """The report (plot inlined) as a markdown artifact and its table as a table artifact."""
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -56,7 +71,6 @@ def publish_sweep_report(result: sweep_loop.SweepResult, report_dir: Path, exper
         from rlhf_tasks.evaluation.sweep_report import REPORT_NAME, variant_rows
 
         key = observe.artifact_key(experiment, "sweep")
-        where = result.report_uri or str(report_dir / REPORT_NAME)
         create_markdown_artifact(embed_plots((report_dir / REPORT_NAME).read_text(), report_dir),
                                  key=f"{key}-report", description=f"Sweep comparison report ({where})")
         create_table_artifact(variant_rows(result.record), key=f"{key}-table",
@@ -125,10 +139,14 @@ def rlhf_sweep(config: PipelineConfig = load_config(None), grid: list[GridAxis] 
     result = sweep_loop.finish_sweep(graph, store, sp, sweep_id=sid, run_id=run_id, name=name, grid=axes,
                                      until=until, started=started, max_parallel=slots, orchestrator="prefect",
                                      report_dir=folder / "report")
+    where = None
     if result.record is not None:
-        publish_sweep_report(result, folder / "report", cfg.experiment, logger)
-        logger.info(f"sweep report: {result.report_uri}")
+        where = report_where(store, sid, result)
+        publish_sweep_report(result, folder / "report", cfg.experiment, where, logger)
+        logger.info(f"sweep report: {where}")
     error = sweep_loop.sweep_error(result, len(sp.variants))
     if error is not None:
         raise error  # the flow run fails (Prefect shows why); `rlhf sweep` reads the record from the store
-    return result.record
+    # As the pipeline's: the final state's message (the run header, Prefect's last log line) says where the
+    # report is; the result is the record.
+    return Completed(message=f"sweep report: {where}", data=result.record)

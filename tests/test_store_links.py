@@ -52,3 +52,19 @@ def test_the_command_downloads_the_artifact(s3_store, tmp_path, monkeypatch, cap
     assert main(command[2:]) == 0
     folder = capsys.readouterr().out.strip()
     assert open(f"{folder}/report.md").read() == "# report\n"
+
+
+def test_the_sweep_report_is_linked_on_s3_and_named_by_uri_locally(s3_store, local_store):
+    from flows.sweep import report_where
+    from flows.sweep_loop import SweepResult
+
+    for store in (s3_store, local_store):
+        uri = store.write_file("sweeps/abc123/sweep-report.md", b"# sweep\n")
+        where = report_where(store, "abc123", SweepResult(record={}, report_uri=uri))
+        if store is local_store:
+            assert where == uri
+            continue
+        url, how = where.rsplit(" (", 1)
+        assert how == "presigned link)"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.read() == b"# sweep\n"

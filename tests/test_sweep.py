@@ -172,8 +172,10 @@ def test_sweep_runs_shared_stages_once_reports_and_adds_only_the_new_variant(fak
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[record["run_id"]])))
+        run = client.read_flow_run(record["run_id"])
     keys = {a.key for a in arts}
     assert {"demo-sweep-report", "demo-sweep-table"} <= keys
+    assert run.state.message == f"sweep report: {record['report']}"  # a local store: its URI, no browser link
 
     again = sweep_cli(store, tmp_path, "--grid", GRID)
     assert fakes() == [] and by_variant(again) == {f"kl_coef={v}": dict.fromkeys(stages.STAGES, "cached")
