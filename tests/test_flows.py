@@ -61,10 +61,11 @@ def _args(store: Path, tmp_path: Path, *extra: str) -> list[str]:
             "--set", "execution.retry_delay_s=0", *extra]
 
 
-def run_cli(store, tmp_path, *extra, expect=0) -> dict:
+def run_cli(store, tmp_path, *extra, expect=0, command="run") -> dict:
+    """`rlhf <command>` (run, or sweep) on the test's store; its --summary-json record."""
     summary = tmp_path / "summary.json"
     summary.unlink(missing_ok=True)
-    rc = main(["run", *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
+    rc = main([command, *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
     assert rc == expect
     return json.loads(summary.read_text())
 

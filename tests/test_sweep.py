@@ -15,17 +15,13 @@ import pytest
 from rlhf_tasks import stages
 from rlhf_tasks.cli import main
 from rlhf_tasks.config import load_config
-from test_flows import _args, fakes, prefect_api, site_dir, statuses  # noqa: F401  (fixtures)
+from test_flows import _args, fakes, prefect_api, run_cli, site_dir, statuses  # noqa: F401  (fixtures)
 
 GRID = "ppo.kl_coef=0.05,0.1,0.2"
 
 
 def sweep_cli(store, tmp_path, *extra, expect=0) -> dict:
-    summary = tmp_path / "sweep.json"
-    summary.unlink(missing_ok=True)
-    rc = main(["sweep", *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
-    assert rc == expect
-    return json.loads(summary.read_text())
+    return run_cli(store, tmp_path, *extra, expect=expect, command="sweep")
 
 
 def by_variant(record: dict) -> dict[str, dict[str, str]]:
