@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[test]'
+	@# DeepSpeed's ops compiled now (minutes, once) rather than silently in the first stage job: TORCH_EXTENSIONS_DIR
+	$(PY) -m rlhf_tasks.training.op_builds
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -13,7 +13,8 @@ then PPO steps end to end (generation + experience + actor/critic update) at ZeR
 --new-tokens tokens (min = max), greedy. With --real-model, also the PPO stage's actor shape on a real model: SmolLM2-135M with LoRA
 (the converted checkpoint when it is installed, else random weights of its shape), sampled as the stage samples:
 (e) the stage's generation path (hybrid engine, ZeRO-0, LoRA merged) and (f) plain `generate` on the same weights
-(LoRA merged into a plain copy).
+(LoRA merged into a plain copy), on prompts shaped like the stage's chat prompts (a shared system prompt, then each
+row's own tokens).
 
     python benchmarks/ppo_throughput.py                        # DS-Chat's measured CPU shape (tiny OPT)
     python benchmarks/ppo_throughput.py --real-model           # + the SmolLM2 LoRA rows
@@ -193,7 +194,7 @@ def bench_real_model(args, dev, dtype) -> dict:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE)).to(dtype)
         source = "random weights of the SmolLM2-135M shape"
-    model = apply_lora(model.to(dev), LoraConfig(r=8, alpha=16, only_optimize_lora=True))
+    model = apply_lora(model.to(dev), LoraConfig(r=16, alpha=32, only_optimize_lora=True))  # the preset's actor
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(std=0.02)  # a trained adapter is not zero
@@ -202,17 +203,21 @@ def bench_real_model(args, dev, dtype) -> dict:
     engine = build_engine(model, tcfg, lr=1e-5, total_steps=10)
     hf_path = PortableHybridEngine(engine, generation="hf")
     stage_path = PortableHybridEngine(engine, generation=args.generation)
+    # prompts shaped like the stage's chat prompts: the chat template's system prompt (the same leading tokens in
+    # every row: 24 in SmolLM2's) before each prompt's own --prompt-len tokens
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (args.real_batch, args.prompt_len), generator=g).to(dev)
+    system = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (1, args.shared_prefix), generator=g)
+    own = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (args.real_batch, args.prompt_len), generator=g)
+    ids = torch.cat([system.expand(args.real_batch, -1), own], 1).to(dev)
     mask = torch.ones_like(ids)
     n = args.new_tokens
     greedy = gen_kwargs(n)
     sampled = dict(greedy, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)  # the stage's sampling
     with torch.no_grad():
         ref = plain.generate(input_ids=ids, attention_mask=mask, **greedy)
-    res = {"source": source, "batch": args.real_batch, "lora_r": 8,
+    res = {"source": source, "batch": args.real_batch, "lora_r": 16, "prompt_width": ids.shape[1],
            "stage_equal_to_plain": bool(torch.equal(stage_path.generate(ids, mask, **greedy), ref)),
-           "choice": stage_path.choice}
+           "shared_prefix_computed_once": stage_path.decoder.last_shared_prefix, "choice": stage_path.choice}
 
     def run_plain():
         with torch.no_grad():
@@ -272,7 +277,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--generation", choices=["auto", "compiled", "hf"], default="auto",
                     help="ppo.generation of the PPO steps and of (e)")
     ap.add_argument("--real-model", action="store_true", help="also (e)/(f): SmolLM2-135M with LoRA")
-    ap.add_argument("--real-batch", type=int, default=4, help="batch of (e)/(f)")
+    ap.add_argument("--real-batch", type=int, default=8, help="batch of (e)/(f) (the smollm2 preset's)")
+    ap.add_argument("--shared-prefix", type=int, default=24,
+                    help="(e)/(f): leading prompt tokens every row shares (SmolLM2's chat system prompt: 24)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -323,8 +330,9 @@ def main(argv=None) -> dict:
           f"{gen['static_eager_equal_to_plain']}")
     if "real_model" in res:
         r = res["real_model"]
-        print(f"real model ({r['source']}, LoRA r={r['lora_r']}, batch {r['batch']}, {args.new_tokens} sampled "
-              f"tokens; best of --repeats, interleaved):")
+        print(f"real model ({r['source']}, LoRA r={r['lora_r']}, batch {r['batch']}, prompt width "
+              f"{r['prompt_width']} ({args.shared_prefix} shared), {args.new_tokens} sampled tokens; best of "
+              f"--repeats, interleaved):")
         for title, k in (("(e) stage's generation path", "e_stage_path"), ("(e0) stage path with generation=hf",
                          "e0_stage_path_hf"), ("(f) plain generate, same weights", "f_plain")):
             print(f"  {title:42s} {r[k + '_tokens_per_s']:10.1f} {r[k + '_s']:8.4f} {r[k + '_median_s']:8.4f}")

@@ -1,5 +1,7 @@
 """Observability glue: relay a stage job's output to the Prefect run logger, a log file and the CLI; turn its
-progress lines into a Prefect progress artifact; publish a metrics table and a link for every stage artifact.
+progress lines into a Prefect progress artifact; publish a metrics table and a link for every stage artifact, on
+the stage's own task run (ran or cached), under keys of the run's experiment (`<experiment>-<stage>-metrics`),
+so one experiment's latest never replaces another's.
 
 Nothing here decides anything about caching or placement; failures to publish are logged, never fatal.
 """
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_tasks.store import ArtifactStore
+from rlhf_tasks.training.op_builds import BUILD_PREFIX
+from rlhf_tasks.store_links import StoreLink, artifact_link
 
 # `step 12/100 loss=0.5 ...` as printed by the training core's MetricsLogger (and anything similar).
 _STEP_RE = re.compile(r"\bstep\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
@@ -51,8 +55,10 @@ class StageLog:
     """The `log` callable handed to the launcher (which also writes `<run_dir>/<stage>.log`): each job line goes
     to the Prefect run logger; progress lines also update a progress artifact (throttled) and reach the CLI."""
 
-    def __init__(self, stage: str, run_dir: str | Path, logger=None, min_interval_s: float = 2.0):
+    def __init__(self, stage: str, run_dir: str | Path, logger=None, min_interval_s: float = 2.0,
+                 experiment: str = "rlhf"):
         self.stage = stage
+        self.experiment = experiment  # the progress artifact's key: `<experiment>-<stage>-progress`
         self.logger = logger
         self.path = Path(run_dir) / f"{stage}.log"  # written by the launcher
         self._artifact_id = None
@@ -67,6 +73,11 @@ class StageLog:
             self.logger.info(line)
         if line.startswith("[lock] "):  # waiting for, or reusing, another run's artifact: the user should know
             console(f"  {line.removeprefix('[lock] ')}")
+            return
+        if line.startswith(BUILD_PREFIX):  # a one-time compile of minutes ahead: without this it looks hung
+            text = f"{self.stage}: {line.removeprefix(BUILD_PREFIX)}"
+            console(f"  {text}")
+            self._publish_progress(0.0, text)
             return
         prog = parse_progress(line)
         if prog is None:
@@ -92,7 +103,7 @@ class StageLog:
 
             if self._artifact_id is None:
                 self._artifact_id = create_progress_artifact(
-                    pct, key=artifact_key("rlhf", self.stage, "progress"), description=description)
+                    pct, key=artifact_key(self.experiment, self.stage, "progress"), description=description)
             else:
                 update_progress_artifact(self._artifact_id, pct, description=description)
         except Exception as e:  # observability must never fail a stage
@@ -123,8 +134,8 @@ def read_samples(store: ArtifactStore, stage: str, key: str, limit: int = 4) -> 
     return []
 
 
-def stage_markdown(stage: str, status: str, uri: str, metrics: dict, samples: list[dict]) -> str:
-    lines = [f"### {stage}: {status}", "", f"Artifact: `{uri}`", ""]
+def stage_markdown(stage: str, status: str, link: StoreLink, key: str, metrics: dict, samples: list[dict]) -> str:
+    lines = [f"### {stage}: {status}", "", f"Stage key: `{key}`", "", link.markdown(f"{stage} artifact"), ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
@@ -142,34 +153,60 @@ def stage_markdown(stage: str, status: str, uri: str, metrics: dict, samples: li
     return "\n".join(lines)
 
 
-def publish_stage_artifacts(store: ArtifactStore, stage: str, key: str, uri: str, status: str,
-                            metrics: dict, logger=None) -> None:
-    """A markdown artifact (metrics table + sample generations) and a link to the store artifact."""
-    try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact
+def _on_task_run(task_run_id):
+    """Artifact constructors bound to a task run (None: the current run context's), with the signatures of
+    Prefect's create_*_artifact functions: `(markdown=|link=|table=, key=, description=, ...)`."""
+    from prefect.artifacts import LinkArtifact, MarkdownArtifact, TableArtifact
 
+    def make(cls):
+        return lambda **fields: cls(task_run_id=task_run_id, **fields).create()
+
+    return make(MarkdownArtifact), make(LinkArtifact), make(TableArtifact)
+
+
+def publish_stage_artifacts(store: ArtifactStore, stage: str, key: str, uri: str, status: str,
+                            metrics: dict, logger=None, *, experiment: str = "rlhf", task_run_id=None) -> None:
+    """On the stage's task run (`task_run_id`, also for a cached one, whose function never ran): a markdown
+    artifact (status, stage key, a link a browser opens or the URI and `rlhf store get` command, metrics,
+    sample generations) and, when the store has an http(s) link, a link artifact."""
+    try:
+        markdown, link_artifact, _ = _on_task_run(task_run_id)
+        kind, akey = store.parse_uri(uri)
+        link = artifact_link(store, kind, akey)
         samples = read_samples(store, stage, key)
-        create_markdown_artifact(stage_markdown(stage, status, uri, metrics, samples),
-                                 key=artifact_key("rlhf", stage, "metrics"),
-                                 description=f"{stage} metrics ({status})")
-        link = uri if "://" in uri else Path(uri).as_uri()
-        create_link_artifact(link, link_text=f"{stage}/{key}", key=artifact_key("rlhf", stage, "artifact"),
-                             description=f"{stage} artifact in the store")
+        markdown(markdown=stage_markdown(stage, status, link, key, metrics, samples),
+                 key=artifact_key(experiment, stage, "metrics"), description=f"{stage} metrics ({status})")
+        if link.url is not None:
+            link_artifact(link=link.url, link_text=f"{stage}/{key} ({link.file}, {link.how} link)",
+                          key=artifact_key(experiment, stage, "artifact"), description=f"{stage} artifact in the store")
     except Exception as e:
         if logger is not None:
             logger.warning(f"{stage}: artifacts not published: {e}")
 
 
-def publish_eval_report(store: ArtifactStore, uri: str, experiment: str, logger=None) -> None:
-    """The evaluation report (comparison table, samples, plots) as Prefect artifacts, via the eval stage's
-    own publisher."""
+def publish_eval_report(store: ArtifactStore, uri: str, experiment: str, logger=None, *, task_run_id=None) -> None:
+    """The evaluation report (comparison table, samples, plots) as Prefect artifacts on the eval task run, via the
+    eval stage's own publisher."""
     try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
         from rlhf_tasks.evaluation.report import publish_report
 
-        publish_report(uri, markdown=create_markdown_artifact, table=create_table_artifact,
-                       key=artifact_key(experiment, "eval"), store=store)
+        markdown, _, table = _on_task_run(task_run_id)
+        publish_report(uri, markdown=markdown, table=table, key=artifact_key(experiment, "eval"), store=store)
     except Exception as e:
         if logger is not None:
             logger.warning(f"eval report not published as Prefect artifacts: {e}")
+
+
+def report_line(store: ArtifactStore, record: dict, experiment: str) -> str:
+    """The flow run's last log line: where the report is (Prefect artifact, store link or URI, CLI command), or
+    the run record when the run stopped before eval."""
+    eval_uri = record.get("eval_uri")
+    if not eval_uri:
+        return (f"no report: the run ended at {record.get('until')}; run record "
+                f"{store.url}/runs/{record['run_id']}.json")
+    kind, key = store.parse_uri(eval_uri)
+    link = artifact_link(store, kind, key, "report.md")
+    where = link.url or f"{eval_uri}/report.md"
+    return (f"report: {where}{f' ({link.how} link)' if link.url else ''}; in Prefect: the eval task run's "
+            f"artifacts ({artifact_key(experiment, 'eval')}-report); from a shell: "
+            f"`rlhf report {record['run_id']} --store {store.url}`")

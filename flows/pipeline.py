@@ -1,4 +1,6 @@
 """The `rlhf-pipeline` flow: data -> sft -> reward -> ppo -> eval, one Prefect task per stage, thin over rlhf_tasks.
+Stages that do not depend on each other (SFT and the reward model) are concurrent task runs, up to
+`execution.max_parallel_stages` (flows/stage_loop.py:run_graph).
 
 Caching (the whole rule; infra/README.md has the deployment side):
 - The cache key of a stage task IS the stage key from `rlhf_tasks.stages.plan()` (`StageKeyPolicy`); nothing about
@@ -22,16 +24,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed
 
 from rlhf_tasks import preflight
-from rlhf_tasks.config import ExecutionConfig, PipelineConfig, apply_overrides, config_from_dict, load_config
+from rlhf_tasks.config import ExecutionConfig, PipelineConfig, config_from_dict, load_config
 from rlhf_tasks.errors import ConfigError, StageFailed
-from rlhf_tasks.stages import STAGES, StagePlan, StageSpec
+from rlhf_tasks.stages import ALL_STAGES, StagePlan, StageSpec
 from rlhf_tasks.store import ArtifactStore
 
 from . import observe, runner, stage_loop, storage
 
-StageName = Literal[STAGES]  # the same as Literal["data", "sft", ...]: the UI's choices come from rlhf_tasks.stages
+StageName = Literal[ALL_STAGES]  # the same as Literal["data", "sft", ...]: the UI's choices come from rlhf_tasks.stages
 RECORD_FORMAT = "v1"  # bump to invalidate every cache record (the artifacts stay)
 
 
@@ -67,7 +70,8 @@ def stage_task(spec: dict, inputs: dict[str, str]) -> str:
     execution = ExecutionConfig.model_validate(s.config["execution"])
     logger.info(f"{s.stage}: launching job (key {s.key})")
     # A failure raises StageFailed naming the log file; Prefect retries it (the job resumes from its checkpoint).
-    uri = runner.launch(s, execution, observe.StageLog(s.stage, s.run_dir, logger))
+    uri = runner.launch(s, execution, observe.StageLog(s.stage, s.run_dir, logger,
+                                                       experiment=s.config.get("experiment", "rlhf")))
     if uri != s.output_uri:
         raise StageFailed(s.stage, f"job returned {uri}, expected {s.output_uri}")
     return uri
@@ -102,17 +106,17 @@ def _config_param(value: Any, overrides: list[str] | None = None) -> PipelineCon
     if value is None:
         value = load_config(None)
     tree = value.model_dump(mode="json", by_alias=True) if isinstance(value, PipelineConfig) else dict(value)
-    apply_overrides(tree, overrides or [])
-    return config_from_dict(tree, origin="parameters.config")
+    return config_from_dict(tree, origin="parameters.config", overrides=overrides, overrides_origin="overrides")
 
 
 def _flow_run_name() -> str:
-    try:
+    """The run's name (Prefect calls this when the flow starts and renames the run to it): a given one stays, a
+    generated one becomes `<run_name>-<6 hex of the run id>` (stage_loop.flow_run_name)."""
+    def make_name() -> str:
         params = current_flow_run.parameters
-        cfg = _config_param(params.get("config"), params.get("overrides"))
-    except Exception:
-        return f"rlhf-{uuid.uuid4().hex[:6]}"
-    return stage_loop.run_name(cfg)
+        return stage_loop.run_name(_config_param(params.get("config"), params.get("overrides")), params.get("until"))
+
+    return stage_loop.flow_run_name(current_flow_run.name, current_flow_run.id, make_name, fallback="rlhf")
 
 
 def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, result_storage, logger):
@@ -129,9 +133,10 @@ def _stage_runner(cfg: PipelineConfig, store: ArtifactStore, folder: Path, resul
             uri = p.uri
         status = "cached" if cached_now else "ran"
         entry = stage_loop.stage_entry(store, p, status, 0.0)
-        observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger)
+        on_task = dict(experiment=cfg.experiment, task_run_id=state.state_details.task_run_id)  # ran or cached
+        observe.publish_stage_artifacts(store, p.stage, p.key, uri, status, entry["metrics"], logger, **on_task)
         if p.stage == "eval":
-            observe.publish_eval_report(store, uri, cfg.experiment, logger)
+            observe.publish_eval_report(store, uri, cfg.experiment, logger, task_run_id=on_task["task_run_id"])
         logger.info(f"{p.stage}: {status} ({state.name}) {uri}")
         return uri, {"prefect_state": state.name}
 
@@ -147,9 +152,13 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     Stages whose artifact already exists in the store (same config slice, inputs and code) are reused.
 
     Args:
-        config: the pipeline config (defaults to the tiny preset).
-        until: the last stage to run.
-        overrides: `rlhf run --set` items, e.g. ["ppo.kl_coef=0.05"].
+        config: the pipeline config, one section per stage (defaults to the tiny preset).
+        until: the last stage to run (`rlhf run --until`): `data`, `sft`, `reward`, the method's policy stage
+            (`ppo`, `grpo`, `rloo` or `dpo`) or `eval` (the default, the whole pipeline); the stages after it are
+            not run.
+        overrides: changes to `config`, one `KEY=VALUE` item each, as `rlhf run --set` takes them: a dotted key and
+            a YAML value, e.g. `ppo.kl_coef=0.05`, `sft.max_steps=20`, `execution.work_pool=gpu`. Empty: `config`
+            as it is. A wrong key is reported as `overrides: <key>: unknown key`.
         stage_plans: the checked plan `rlhf run` computed for this config (leave empty: the flow then checks the
             inputs and plans itself).
         run_folder: the local folder for this run's stage jobs (leave empty: `<runs_dir>/<run name>-<flow run
@@ -159,7 +168,7 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
     cfg = _config_param(config, overrides)
     started = time.time()
     run_id = str(current_flow_run.id or uuid.uuid4())
-    name = current_flow_run.name or stage_loop.run_name(cfg)
+    name = current_flow_run.name or stage_loop.run_name(cfg, until)
     folder = Path(run_folder) if run_folder else stage_loop.run_dir(cfg, name, run_id)
     if stage_plans:
         store, plans = ArtifactStore.from_config(cfg.store), stage_plans
@@ -181,11 +190,17 @@ def rlhf_pipeline(config: PipelineConfig = load_config(None), until: StageName =
         logger.info(line)
         observe.console(line)
 
+    slots = stage_loop.stage_slots(cfg)
+    logger.info(f"up to {slots} stage job(s) at once (execution.max_parallel_stages)")
     result = stage_loop.run_stages(store, plans, _stage_runner(cfg, store, folder, result_storage, logger),
-                                   echo)
+                                   echo, max_parallel=slots)
     stage_loop.finish_run(result, store, run_id=run_id, name=name, cfg=cfg, until=until, started=started,
                           orchestrator="prefect")
     if result.error is not None:
         raise result.error  # the flow run fails (Prefect shows why); `rlhf run` reads the record from the store
     logger.info(f"run record: {store.url}/{stage_loop.RUNS_PREFIX}/{run_id}.json")
-    return result.record
+    report = observe.report_line(store, result.record, cfg.experiment)
+    logger.info(report)
+    # The final state's message is the report line: the run header shows it, and Prefect's own last log line
+    # says "Finished in state Completed('report: ...')". The result is the record, as when returned plainly.
+    return Completed(message=report, data=result.record)

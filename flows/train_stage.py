@@ -22,7 +22,14 @@ from . import observe
 @flow(name="train-stage", log_prints=False)
 def train_stage(spec: dict, execution: dict | None = None) -> str:
     """Run one stage job here and return its artifact URI (the store holds the artifact). A job that finds bad
-    input (exit 2) ends the flow run Failed with a message starting "bad input: " (runner.pool_failure)."""
+    input (exit 2) ends the flow run Failed with a message starting "bad input: " (runner.pool_failure).
+
+    Args:
+        spec: the stage spec the pipeline computed (`rlhf_tasks.stages.StageSpec` as a dict: stage, key, config,
+            input and output URIs, store settings); the pipeline submits it, nobody types it.
+        execution: the `execution` config section for the job (processes, launcher, timeout); empty: the one in
+            `spec`.
+    """
     from .runner import BAD_INPUT_PREFIX, launch_local
 
     logger = get_run_logger()
@@ -37,7 +44,8 @@ def train_stage(spec: dict, execution: dict | None = None) -> str:
     s.run_dir = str(root / f"{s.stage}-{s.key}-{uuid.uuid4().hex[:8]}")  # this flow run's own folder
     logger.info(f"{s.stage}: launching job (key {s.key}, {ex.num_nodes}x{ex.num_procs} processes)")
     try:
-        return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger))
+        return launch_local(s, ex, observe.StageLog(s.stage, s.run_dir, logger,
+                                                    experiment=s.config.get("experiment", "rlhf")))
     except JobInputError as e:  # the submitting pipeline reads this message: bad input is not retried
         logger.error(str(e))
         return Failed(message=f"{BAD_INPUT_PREFIX}{e}")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import StageFailed, StoreError, UserError
-from .stages import STAGES
+from .stages import ALL_STAGES
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store URL (overrides store.url), e.g. ./rlhf-store or s3://b/p")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set ppo.kl_coef=0.05 (repeatable)")
-    p.add_argument("--until", choices=STAGES, default="eval",
+    p.add_argument("--until", choices=ALL_STAGES, default="eval",
                    help="last stage to include (one of the config's method's stages)")
 
 
@@ -135,6 +135,8 @@ def plan_from_args(args):
 def cmd_plan(args) -> int:
     from flows.stage_loop import run_name
 
+    if getattr(args, "grid", None):
+        return _plan_sweep(args)
     as_json = getattr(args, "json", False)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # keep stdout pure JSON
         cfg, store, plans = plan_from_args(args)
@@ -144,7 +146,7 @@ def cmd_plan(args) -> int:
         return 0
     from .stages import method_summary
 
-    _say(f"plan for {run_name(cfg)} (store {store.url}):")
+    _say(f"plan for {run_name(cfg, args.until)} (store {store.url}):")
     _say(method_summary(cfg, plans))
     print_table(("STAGE", "STATUS", "KEY", "REASON"),
                 [(p.stage, "cached" if p.cached else "will-run", p.key, p.reason) for p in plans])
@@ -156,7 +158,7 @@ def cmd_run(args) -> int:
     from flows.stage_loop import run_name
 
     cfg, store, plans = plan_from_args(args)
-    name = run_name(cfg)
+    name = run_name(cfg, args.until)
     todo = [p.stage for p in plans if not p.cached]
     _say(f"run {name}: {len(plans) - len(todo)} cached, {len(todo)} to run ({', '.join(todo) or 'nothing'}); "
          f"store {store.url}")
@@ -179,6 +181,76 @@ def cmd_run(args) -> int:
     record = result.record
     n_ran = sum(1 for v in record["stages"].values() if v["status"] == "ran")
     _say(f"{record['flow_run_name']}: {n_ran} ran, {len(record['stages']) - n_ran} cached in {wall:.1f} s "
+         f"(run id {record['run_id']})")
+    return 0
+
+
+# ---- rlhf sweep (and rlhf plan --grid) ---------------------------------------------------------------------
+def sweep_from_args(args):
+    """(base config, grid axes, store, sweep plan) of `--config/--set/--store/--grid/--until`: every variant
+    checked and planned (rlhf_tasks/sweep.py); bad input raises a UserError naming the argument, before anything
+    is written."""
+    from .sweep import grid_labels, parse_grid_arg, plan_sweep
+
+    base = load_selected_config(args)
+    axes = [parse_grid_arg(item) for item in args.grid]
+    store, sp = plan_sweep(base, axes, grid_labels(axes, args.grid), args.until)
+    return base, axes, store, sp
+
+
+def _plan_sweep(args) -> int:
+    from flows.sweep_loop import sweep_name
+    from .sweep import sweep_id
+
+    as_json = getattr(args, "json", False)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # keep stdout pure JSON
+        base, axes, store, sp = sweep_from_args(args)
+    nodes = sp.nodes
+    if as_json:
+        _say(json.dumps([{"stage": p.stage, "variants": [sp.variants[i].name for i in sp.users(p.uri)],
+                          "status": "cached" if p.cached else "will-run", "key": p.key, "uri": p.uri,
+                          "reason": p.reason, "inputs": p.input_uris} for p in nodes], indent=1))
+        return 0
+    todo = sum(1 for p in nodes if not p.cached)
+    _say(f"sweep plan for {sweep_name(base.experiment, sweep_id(base, axes, args.until))} (store {store.url}): "
+         f"{len(sp.variants)} variants ({'; '.join(v.name for v in sp.variants)}), {len(nodes)} distinct stages, "
+         f"{len(nodes) - todo} cached, {todo} to run")
+    print_table(("STAGE", "VARIANTS", "STATUS", "KEY", "REASON"),
+                [(p.stage, sp.variant_names(p.uri), "cached" if p.cached else "will-run", p.key, p.reason)
+                 for p in nodes])
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from flows.cli_commands import run_sweep_with_prefect, run_sweep_without_prefect
+    from flows.sweep_loop import sweep_name
+    from .evaluation.sweep_report import variant_rows
+    from .sweep import sweep_id
+
+    base, axes, store, sp = sweep_from_args(args)
+    name = sweep_name(base.experiment, sweep_id(base, axes, args.until))
+    nodes = sp.nodes
+    todo = [p for p in nodes if not p.cached]
+    _say(f"sweep {name}: {len(sp.variants)} variants, {len(nodes)} distinct stages: {len(nodes) - len(todo)} "
+         f"cached, {len(todo)} to run; store {store.url}")
+    t0 = time.monotonic()
+    run = run_sweep_without_prefect if getattr(args, "no_prefect", False) else run_sweep_with_prefect
+    record, error = run(base, store, sp, axes, args.until, name, _say)
+    wall = time.monotonic() - t0
+    if record is not None:
+        _say("")
+        rows = variant_rows(record)
+        print_table(tuple(rows[0]), [tuple(r.values()) for r in rows])
+        _write_summary(args.summary_json, record)
+        if record.get("report"):
+            _say(f"sweep report: {record['report']}")
+    if error is not None:
+        if isinstance(error, (StageFailed, UserError, StoreError, KeyboardInterrupt)):
+            raise error
+        raise StageFailed("sweep", f"{type(error).__name__}: {error}") from error
+    stages = [v for var in record["variants"] for v in var["stages"].values()]
+    ran = len({v["uri"] for v in stages if v["status"] == "ran"})
+    _say(f"{name}: {len(sp.variants)} variants; {ran} stages ran, {len(nodes) - ran} cached in {wall:.1f} s "
          f"(run id {record['run_id']})")
     return 0
 
@@ -287,8 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", default=None, help="write the per-stage summary as JSON here")
     p.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect (same cache rule)")
 
+    p = sub.add_parser("sweep", help="run every variant of a grid, sharing their common stages; compare them")
+    _add_selection(p)
+    _add_grid(p, required=True)
+    p.add_argument("--summary-json", default=None, help="write the sweep record (every variant's stages) as JSON here")
+    p.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect (same cache rule)")
+
     p = sub.add_parser("plan", help="per stage: cached or will-run, and why; runs nothing")
     _add_selection(p)
+    _add_grid(p, required=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("store", help="inspect the artifact store")
@@ -333,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_grid(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--grid", action="append", default=[] if not required else None, required=required,
+                   metavar="KEY=V1,V2", help="a sweep axis, e.g. --grid ppo.kl_coef=0.05,0.1,0.2 (repeatable: one "
+                   "variant per combination)" + ("" if required else "; shows the sweep's plan"))
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -341,7 +426,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "store": cmd_store, "report": cmd_report, "chat": cmd_chat,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "plan": cmd_plan, "store": cmd_store, "report": cmd_report, "chat": cmd_chat,
             "generate": cmd_generate}
 
 

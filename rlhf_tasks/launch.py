@@ -18,6 +18,8 @@ Keep the top-level imports light: the supervisor imports this module too.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import os
 import queue
 import shutil
@@ -40,6 +42,15 @@ RENDEZVOUS_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMI_", "PMIX_RANK",
 TAIL_LINES = 60
 KILL_GRACE_S = 10.0
 PKG_PARENT = Path(__file__).resolve().parent.parent
+# Set by a scheduler running stage jobs in threads (flows/stage_loop.py): once the event is set (Ctrl-C in the main
+# thread), every job started in that context is taken down and raises KeyboardInterrupt. A context variable, so it
+# reaches the threads the scheduler starts (with a copy of its context), and nothing else.
+STOP_JOBS: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("rlhf_stop_jobs", default=None)
+
+
+def stop_requested() -> bool:
+    stop = STOP_JOBS.get()
+    return stop is not None and stop.is_set()
 
 
 def free_port() -> int:
@@ -187,6 +198,8 @@ def run_job(cmd: list[str], env: dict[str, str], *, log: Callable[[str], None] =
     """Run `cmd` in a new session under the supervisor; stream lines to `log` (and `log_path`); enforce
     `timeout_s`; kill the group on timeout, on any exception raised while waiting (KeyboardInterrupt,
     cancellation) and at the end. Returns the exit code (None after a timeout) and the last lines."""
+    if stop_requested():
+        raise KeyboardInterrupt("run stopped before the job started")
     sup = [sys.executable, "-m", "rlhf_tasks.launch", "--supervise", str(os.getpid()), str(grace_s), "--", *cmd]
     sup_env = dict(env)
     sup_env["PYTHONPATH"] = os.pathsep.join([str(PKG_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -208,6 +221,8 @@ def run_job(cmd: list[str], env: dict[str, str], *, log: Callable[[str], None] =
     exited_at = 0.0
     try:
         while True:
+            if stop_requested():  # the finally below takes the group down
+                raise KeyboardInterrupt("run stopped")
             wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
             try:
                 line = lines.get(timeout=wait)
@@ -290,9 +305,13 @@ def _run_stage_locked(spec, execution, store, log: Callable[[str], None]) -> str
     log_path = run_dir / f"{spec.stage}.log"
     input_error = run_dir / INPUT_ERROR_FILE
     input_error.unlink(missing_ok=True)  # an earlier try's, in a reused run folder
-    log(f"[launch] {spec.stage}: {' '.join(cmd)} (log: {log_path})")
-    t0 = time.time()
-    res = run_job(cmd, env, log=log, timeout_s=execution.timeout_s, log_path=log_path, cwd=run_dir)
+    with _device_lease(execution, env, procs, STAGE_DEFS[spec.stage].accelerated, log) as leased:
+        if leased is not None:
+            env["CUDA_VISIBLE_DEVICES"] = leased.cuda_visible_devices
+            log(f"[devices] {spec.stage}: GPUs {leased.cuda_visible_devices} leased to this job")
+        log(f"[launch] {spec.stage}: {' '.join(cmd)} (log: {log_path})")
+        t0 = time.time()
+        res = run_job(cmd, env, log=log, timeout_s=execution.timeout_s, log_path=log_path, cwd=run_dir)
     if input_error.exists():  # bad input found inside the job by any rank, whatever the launcher's exit code
         said = input_error.read_text().strip() or "bad input (no message)"
         raise JobInputError(f"{spec.stage}: {said} (log: {log_path})")
@@ -313,6 +332,18 @@ def _run_stage_locked(spec, execution, store, log: Callable[[str], None]) -> str
     remove_scratch(run_dir, keep=(spec_path.name, log_path.name))
     log(f"[launch] {spec.stage}: done in {time.time() - t0:.1f} s -> {spec.output_uri}")
     return spec.output_uri
+
+
+def _device_lease(execution, env: dict[str, str], procs: int, accelerated: bool, log: Callable[[str], None]):
+    """The job's own GPUs while it runs (rlhf_tasks/devices.py), on one node with enough GPUs visible; else no
+    lease (a CPU job, multi-node, or fewer GPUs than processes: the job then sees what it would see anyway)."""
+    from . import devices
+
+    visible = devices.visible_devices(env)
+    if (not accelerated or execution.num_nodes > 1 or job_accelerator(execution, env) == "cpu"
+            or procs > len(visible)):
+        return contextlib.nullcontext()
+    return devices.lease(procs, visible, devices.lease_dir(env), log=log, should_stop=stop_requested)
 
 
 def remove_scratch(run_dir: Path, keep: tuple[str, ...]) -> None:

@@ -15,9 +15,9 @@ from .config import PipelineConfig
 from .config.methods import STEP3, eval_inputs, pipeline_stages, policy_reads_reward_model
 from .config.rules import CRITIC_FIELDS, CRITIC_FREE
 from .provenance import code_hashes, library_versions
-from .store import MISSING, ArtifactStore, compute_key
+from .store import MISSING, ArtifactStore, compute_key, is_remote
 
-STAGES = ("data", "sft", "reward", "ppo", "eval")  # every stage there is; a run has its method's (`plan`)
+STAGES = ("data", "sft", "reward", "ppo", "eval")  # the default method's (ppo) stages; a run has its method's
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,23 @@ class StageDef:
     inputs: tuple[str, ...]  # upstream stages whose artifact keys enter this key (eval's: `stage_inputs`)
     module: str  # python module with `run(spec)`; launched as a job
     distributed: bool  # launched under the DeepSpeed launcher (else a plain single process)
+    accelerated: bool = True  # runs on the job's accelerator (its GPUs are leased to it while it runs)
 
 
 STAGE_DEFS: dict[str, StageDef] = {
-    "data": StageDef("data", (), "rlhf_tasks.data.stage", False),
+    "data": StageDef("data", (), "rlhf_tasks.data.stage", False, accelerated=False),
     "sft": StageDef("sft", ("data",), "rlhf_tasks.training.sft", True),
     "reward": StageDef("reward", ("data",), "rlhf_tasks.training.reward", True),
     "ppo": StageDef("ppo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
     # critic-free step 3, the same stage module (its job reads the method from the stage name)
     "grpo": StageDef("grpo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
     "rloo": StageDef("rloo", ("data", "sft", "reward"), "rlhf_tasks.ppo.stage", True),
+    # DPO: the SFT policy trained on the data artifact's reward-phase pairs, no reward model
+    "dpo": StageDef("dpo", ("data", "sft"), "rlhf_tasks.training.dpo", True),
     "eval": StageDef("eval", (), "rlhf_tasks.evaluation.stage", False),  # inputs by method: config.methods
 }
 JOB_ENTRY = "rlhf_tasks.stage_main"  # every job starts here, then imports its stage module
+ALL_STAGES = tuple(STAGE_DEFS)  # every stage there is (`--until` takes any of them that the method runs)
 
 
 def stage_inputs(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
@@ -72,8 +76,10 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
     """The part of the config that determines a stage's output (placement, timeouts and the store do not)."""
     if stage == "data":
         data = cfg.data.model_dump(mode="json", by_alias=True)
-        for src in data["sources"]:  # local files enter the key by content (fingerprints), not by where they lie
-            if Path(src["path"]).is_absolute():
+        for src in data["sources"]:  # files enter the key by content (fingerprints), not by where they lie
+            if is_remote(src["path"]):
+                src["path"] = src["path"].rstrip("/").rsplit("/", 1)[-1]
+            elif Path(src["path"]).is_absolute():
                 src["path"] = Path(src["path"]).name
         return {"data": data, "tokenizer": _model(cfg, "tokenizer")}
     if stage == "sft":
@@ -84,6 +90,8 @@ def config_slice(cfg: PipelineConfig, stage: str) -> dict:
                 "num_procs": cfg.execution.num_procs}
     if stage == "ppo":
         return {"ppo": cfg.ppo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
+    if stage == "dpo":  # the models enter through the sft input's key (DPO starts from that artifact)
+        return {"dpo": cfg.dpo.model_dump(mode="json"), "num_procs": cfg.execution.num_procs}
     if stage in CRITIC_FREE:  # the critic's settings do not shape a critic-free run: not in its key
         ppo = {k: v for k, v in cfg.ppo.model_dump(mode="json").items() if k not in CRITIC_FIELDS}
         return {"ppo": ppo, "num_procs": cfg.execution.num_procs}
@@ -109,9 +117,10 @@ def reward_fn_ref(cfg: PipelineConfig, stage: str) -> tuple[str, str] | None:
 
 
 def data_source_fingerprints(cfg: PipelineConfig) -> list[dict]:
-    from .data.sources import fingerprint_source  # content hash of files; hub name + revision
+    from .data.sources import fingerprint_source  # content hash of files (local or at a URL); hub name + revision
 
-    return [fingerprint_source(s, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
+    return [fingerprint_source(s, f"data.sources[{i}]", cfg.store.endpoint_url)
+            for i, s in enumerate(cfg.data.sources)]
 
 
 def stage_key_inputs(cfg: PipelineConfig, stage: str, input_keys: dict[str, str],
@@ -155,10 +164,10 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
     if until not in active:
         from .errors import ConfigError
 
-        if until in STAGES:
+        if until in ALL_STAGES:
             raise ConfigError(f"--until: stage {until!r} is not part of method={cfg.method} (its stages: "
                               f"{', '.join(active)})")
-        raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(STAGES)})")
+        raise ConfigError(f"--until: unknown stage {until!r} (one of {', '.join(ALL_STAGES)})")
     keys: dict[str, str] = {}
     uris: dict[str, str] = {}
     out: list[StagePlan] = []
@@ -182,8 +191,15 @@ def plan(cfg: PipelineConfig, store: ArtifactStore, until: str = "eval") -> list
 def method_summary(cfg: PipelineConfig, plans: list[StagePlan]) -> str:
     """One line for `rlhf plan`: the method, its stages, and which of them the store already has (the artifacts
     another method's run made are reused when their keys are the same)."""
+    from .config.methods import method_of, uses_reward_stage
+
     reused = [p.stage for p in plans if p.cached]
-    return (f"method {cfg.method}: {' -> '.join(pipeline_stages(cfg))}; "
+    method = method_of(cfg)
+    why_reward = ""
+    if uses_reward_stage(cfg) and not policy_reads_reward_model(cfg):
+        why_reward = "; the reward model only scores evaluation's answers"
+    return (f"method {cfg.method}: {' -> '.join(pipeline_stages(cfg))}; {method.policy_stage} trains on "
+            f"{method.trains_on}{why_reward}; "
             + (f"reused from the store: {', '.join(reused)}" if reused else "nothing in the store to reuse"))
 
 

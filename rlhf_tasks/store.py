@@ -29,7 +29,8 @@ import fsspec
 from .errors import ArtifactCorrupt, StoreError
 
 MANIFEST = "manifest.json"
-RESERVED_KINDS = frozenset({"runs"})  # folders of plain JSON documents beside the artifacts (run records)
+RESERVED_KINDS = frozenset({"runs", "sweeps"})  # folders of plain documents beside the artifacts (run records,
+# sweep reports): never listed or collected as artifacts
 CACHE_RECORDS = "_prefect/cache"  # the orchestrator's cache records (flows/storage.py); each names an artifact URI
 MISSING = "missing"  # `ArtifactStore.check` of an artifact without a manifest
 MANIFEST_FORMAT = 1
@@ -123,6 +124,25 @@ class FileHashes:
         return self.sha256(local_version(path), lambda: sha256_file(path), deep)
 
 
+def is_remote(path: str) -> bool:
+    """A path that is an fsspec URL (`s3://...`, `gs://...`), not a local path (nor a hub name)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def open_fs(url: str, endpoint_url: str | None = None):
+    """(fsspec filesystem, path) of `url` with the store's rules, for the store and for data sources alike: S3
+    through s3fs without listing caches (other processes write), at `endpoint_url` (default AWS_ENDPOINT_URL) when
+    one is set; credentials from the environment, never passed here. ValueError/ImportError: an unknown scheme,
+    or one whose package is not installed."""
+    opts: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        opts["use_listings_cache"] = False
+        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint_url:
+            opts["client_kwargs"] = {"endpoint_url": endpoint_url}
+    return fsspec.core.url_to_fs(url, **opts)
+
+
 def default_hashes() -> FileHashes:
     """The hash memory for files outside any store (data sources, local model folders)."""
     return FileHashes(cache_root() / "sha256")
@@ -189,13 +209,8 @@ class ArtifactStore:
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {}
-        if self.url.startswith("s3://"):
-            opts["use_listings_cache"] = False
-            if self.endpoint_url:
-                opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **opts)
+            self.fs, self.root = open_fs(self.url, self.endpoint_url)
         except (ValueError, ImportError) as e:  # an unknown scheme, or one whose package is not installed
             raise StoreError(f"store {url}: {str(e).splitlines()[0]} (use a local folder or s3://bucket/prefix)") \
                 from None
@@ -397,11 +412,12 @@ class ArtifactStore:
                 size += len(block)
         return size, h.hexdigest()
 
-    def _write_atomic(self, path: str, text: str) -> None:
+    def _write_atomic(self, path: str, text: str | bytes) -> None:
+        mode = "wb" if isinstance(text, bytes) else "w"
         if self.is_local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             try:
-                with open(tmp, "w") as f:
+                with open(tmp, mode) as f:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
@@ -411,7 +427,7 @@ class ArtifactStore:
                     os.unlink(tmp)
                 raise
         else:  # one object PUT is atomic on S3
-            with self.fs.open(path, "w") as f:
+            with self.fs.open(path, mode) as f:
                 f.write(text)
 
     def get(self, kind: str, key: str, deep: bool = False) -> Path:
@@ -588,6 +604,14 @@ class ArtifactStore:
         path = f"{self.root}/{rel}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self._write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
+        return f"{self.url}/{rel}"
+
+    def write_file(self, rel: str, data: bytes) -> str:
+        """A small document (a report, a plot) at `<store>/<rel>`, written whole or not at all."""
+        check_relpath(rel)
+        path = f"{self.root}/{rel}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self._write_atomic(path, data)
         return f"{self.url}/{rel}"
 
     def read_json(self, rel: str) -> Any:

@@ -32,10 +32,21 @@ def make_data_artifact(store, cfg, n_rows: int = 600) -> str:
     return store.uri("data", key)
 
 
-def make_spec(stage: str, cfg, store, data_uri: str, run_dir: Path, key: str) -> StageSpec:
+def make_spec(stage: str, cfg, store, data_uri: str, run_dir: Path, key: str, inputs: dict | None = None) -> StageSpec:
+    """The spec of a `stage` job reading the data artifact `data_uri` (and `inputs`, e.g. {"sft": uri} for dpo)."""
     return StageSpec(stage=stage, key=key, config=cfg.model_dump(mode="json", by_alias=True),
-                     inputs={"data": data_uri}, output_uri=store.uri(stage, key), store=store.settings(),
-                     run_dir=str(run_dir))
+                     inputs={"data": data_uri, **(inputs or {})}, output_uri=store.uri(stage, key),
+                     store=store.settings(), run_dir=str(run_dir))
+
+
+def put_tiny_sft(store, cfg) -> str:
+    """The tiny actor as is, committed as an `sft` artifact (the starting policy of dpo and step-3 tests)."""
+    from rlhf_tasks.models import resolve_model
+
+    key = "test-tiny-sft"
+    if not store.exists("sft", key):
+        store.put_dir(resolve_model(cfg.models.actor, cfg.models.tiny), "sft", key)
+    return store.uri("sft", key)
 
 
 def run_in_process(spec: StageSpec, monkeypatch) -> dict:

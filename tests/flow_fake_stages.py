@@ -6,7 +6,12 @@ fraction of a second, prints progress lines like the training core, and can be t
   resumed, in which Prefect flow run);
 - FAKE_CRASH_STAGE=<stage>: commit a checkpoint at step 2, then SIGKILL itself (once: a resumed run finishes);
 - FAKE_FAIL_STAGE=<stage>: exit with code 3;
-- FAKE_BAD_INPUT_STAGE=<stage>: raise a DataError (bad input found inside the job: stage_main exits 2).
+- FAKE_BAD_INPUT_STAGE=<stage>: raise a DataError (bad input found inside the job: stage_main exits 2);
+- FAKE_FAIL_CONFIG=<stage>:<dotted key>=<value>: exit with code 3 when the job's config has that value (one
+  variant of a sweep fails);
+- FAKE_RENDEZVOUS=<folder>:<stage>,<stage>: those stages each announce themselves in the folder and wait (up to
+  FAKE_RENDEZVOUS_S, default 120 s) until all of them have: they finish only if they ran at the same time, and
+  exit with code 4 otherwise.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from rlhf_tasks.errors import DataError
@@ -42,6 +48,10 @@ def run(spec: StageSpec) -> None:
         sys.exit(3)
     if os.environ.get("FAKE_BAD_INPUT_STAGE") == spec.stage:
         raise DataError(f"fake.jsonl:3:prompt: bad row found inside the {spec.stage} job")
+    if _config_says_fail(spec):
+        print("fake failure of this variant", flush=True)
+        sys.exit(3)
+    _rendezvous(spec.stage)
     for step in range(start + 1, TOTAL_STEPS + 1):
         print(f"step {step}/{TOTAL_STEPS} loss={1.0 / step:.3f} kl=0.01", flush=True)
         if step == 2 and os.environ.get("FAKE_CRASH_STAGE") == spec.stage and start == 0:
@@ -61,13 +71,41 @@ def run(spec: StageSpec) -> None:
     commit_stage_output(spec, out, {"fake_loss": 0.25, "resumed_from_step": start})
 
 
+def _config_says_fail(spec: StageSpec) -> bool:
+    stage, _, assignment = os.environ.get("FAKE_FAIL_CONFIG", "").partition(":")
+    if stage != spec.stage or "=" not in assignment:
+        return False
+    key, value = assignment.split("=", 1)
+    node = spec.config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return str(node) == value
+
+
+def _rendezvous(stage: str) -> None:
+    folder, _, names = os.environ.get("FAKE_RENDEZVOUS", "").rpartition(":")
+    peers = names.split(",")
+    if not folder or stage not in peers:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / stage).touch()
+    deadline = time.monotonic() + float(os.environ.get("FAKE_RENDEZVOUS_S", "120"))
+    while not all((Path(folder) / p).exists() for p in peers):
+        if time.monotonic() > deadline:
+            print(f"rendezvous: {stage} waited alone for {peers}", flush=True)
+            sys.exit(4)
+        time.sleep(0.05)
+    print(f"rendezvous: {stage} met {peers}", flush=True)
+
+
 def install() -> None:
     """Point every stage at this module (in place: stage_main holds a reference to the same dict) and make the
-    data fingerprint a pure function of the source paths."""
+    data fingerprint a pure function of the source paths. `distributed` stays: it says which stages are the
+    training jobs a work pool runs (flows/runner.TRAINING_STAGES), and one process needs no launcher anyway."""
     import dataclasses
 
     from rlhf_tasks import stages
 
     for name, d in list(stages.STAGE_DEFS.items()):
-        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__, distributed=False)
+        stages.STAGE_DEFS[name] = dataclasses.replace(d, module=__name__)
     stages.data_source_fingerprints = lambda cfg: [{"path": s.path} for s in cfg.data.sources]

@@ -16,7 +16,7 @@ def rlhf(*args, env=None, cwd=None):
 
 def test_help_lists_commands():
     out = rlhf("--help").stdout
-    for cmd in ("run", "plan", "store", "report", "chat", "generate"):
+    for cmd in ("run", "sweep", "plan", "store", "report", "chat", "generate"):
         assert cmd in out
 
 

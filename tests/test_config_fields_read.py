@@ -30,6 +30,7 @@ SECTION_READERS = {
     "data": ("rlhf_tasks/data/",),
     "sft": ("rlhf_tasks/training/",),
     "reward": ("rlhf_tasks/training/",),
+    "dpo": ("rlhf_tasks/training/",),
     "ppo": ("rlhf_tasks/ppo/",),
     "eval": ("rlhf_tasks/evaluation/",),
 }

@@ -15,6 +15,7 @@ from rlhf_tasks.errors import ConfigError
 from rlhf_tasks.models import ensure_tiny_model, load_tokenizer
 from rlhf_tasks.ppo import CriticFreeTrainer, PPOTrainer, RLHFEngine
 from rlhf_tasks.ppo import ppo_math as pm
+from rlhf_tasks.ppo.engine import updates_per_batch
 from rlhf_tasks.training.distributed import init_distributed
 
 GOLD_FN = "rlhf_tasks.data.demo:gold_score"
@@ -115,3 +116,17 @@ def test_ppo_with_several_samples_per_prompt_and_a_function_reward(tiny):
     engine = RLHFEngine(path, None, tokenizer=tok, config=c, total_steps=1)
     stats = PPOTrainer(engine, c).step(batches[2])
     assert "value/loss" in stats and "reward/fn_mean" in stats and stats["ppo/updates"] == 1
+
+
+def test_the_lr_schedule_spans_every_answer_s_updates(tiny):
+    """The actor's cosine schedule is sized by the updates the trainer makes, which count every answer
+    (prompt_batch_size x samples_per_prompt rows per buffer): it reaches 0 at the last step of the run. Sized by the
+    prompts alone, it ended after half the run and climbed back to the peak LR by the end."""
+    path, tok, batches = tiny
+    c = cfg(reward="fn", reward_fn=GOLD_FN, ppo_epochs=2)  # 4 prompts x 4 answers = 2 mini-batches x 2 epochs
+    engine = RLHFEngine(path, None, tokenizer=tok, config=c, total_steps=2, with_critic=False)
+    trainer = CriticFreeTrainer(engine, c, estimator="grpo")
+    first, last = trainer.step(batches[0]), trainer.step(batches[1])
+    assert first["ppo/updates"] == last["ppo/updates"] == updates_per_batch(c) == 4
+    assert first["lr/actor"] == pytest.approx(0.5 * c.actor_lr)  # halfway through the cosine: 4 of 8 updates
+    assert last["lr/actor"] == pytest.approx(0.0, abs=1e-12)

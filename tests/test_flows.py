@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core box needs minutes
         yield
 
 
@@ -61,10 +61,11 @@ def _args(store: Path, tmp_path: Path, *extra: str) -> list[str]:
             "--set", "execution.retry_delay_s=0", *extra]
 
 
-def run_cli(store, tmp_path, *extra, expect=0) -> dict:
+def run_cli(store, tmp_path, *extra, expect=0, command="run") -> dict:
+    """`rlhf <command>` (run, or sweep) on the test's store; its --summary-json record."""
     summary = tmp_path / "summary.json"
     summary.unlink(missing_ok=True)
-    rc = main(["run", *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
+    rc = main([command, *_args(store, tmp_path, *extra), "--summary-json", str(summary)])
     assert rc == expect
     return json.loads(summary.read_text())
 
@@ -117,7 +118,10 @@ def test_plan_reasons_without_prefect(fakes, tmp_path, prefect_api, capsys):
     assert fakes() == []  # plan launched nothing
 
 
-def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
+def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # both runs on the harness, whatever ran before
     store = tmp_path / "store"
     first = run_cli(store, tmp_path)
     assert statuses(first) == dict.fromkeys(stages.STAGES, "ran")
@@ -135,16 +139,42 @@ def test_same_config_twice_is_all_cached(fakes, tmp_path, prefect_api, capsys):
     assert len(list((store / "_prefect" / "cache").iterdir())) == 5
     rec = json.loads((store / "runs" / f"{second['run_id']}.json").read_text())
     assert rec["eval_uri"] == second["stages"]["eval"]["uri"]
-    # Prefect artifacts of the first run: progress (parsed from `step i/n` lines), metrics table + samples, link.
+    # Prefect artifacts, keyed by experiment, on each stage's own task run: progress (parsed from `step i/n`
+    # lines), metrics table + samples, the stage key, the URI and the download command (a local store has no
+    # browser link: no file:// link).
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["run_id"]])))
-    by_key = {a.key: a for a in arts if a.key}
-    assert by_key["rlhf-sft-progress"].data == 100.0
-    assert "fake_loss" in by_key["rlhf-eval-metrics"].data and "Samples" in by_key["rlhf-eval-metrics"].data
-    assert first["stages"]["ppo"]["key"] in str(by_key["rlhf-ppo-artifact"].data)  # the link to the store
+        def artifacts(run_id):
+            found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            return {a.key: a for a in found if a.key}
+
+        first_arts, second_arts = artifacts(first["run_id"]), artifacts(second["run_id"])
+    assert first_arts["demo-sft-progress"].data == 100.0
+    eval_md = first_arts["demo-eval-metrics"].data
+    assert "fake_loss" in eval_md and "Samples" in eval_md
+    # The progress artifact is made inside the stage's task run; the metrics one is on that same task run.
+    for s in stages.STAGES:
+        assert first_arts[f"demo-{s}-metrics"].task_run_id == first_arts[f"demo-{s}-progress"].task_run_id
+    cached_tasks = {second_arts[f"demo-{s}-metrics"].task_run_id for s in stages.STAGES}
+    assert None not in cached_tasks and len(cached_tasks) == 5  # each cached stage's own (new) task run
+    assert not cached_tasks & {first_arts[f"demo-{s}-metrics"].task_run_id for s in stages.STAGES}
+    for s in stages.STAGES:  # ran, then cached: the status, the URI, the key and the download command
+        for arts, status in ((first_arts, "ran"), (second_arts, "cached")):
+            art = arts[f"demo-{s}-metrics"]
+            assert f"### {s}: {status}" in art.data
+            assert f"`{first['stages'][s]['key']}`" in art.data and f"`rlhf store get {first['stages'][s]['uri']}`" in art.data
+            assert "file://" not in art.data
+    assert not any(k.endswith("-artifact") for k in first_arts)  # no link artifact without an http(s) link
+    # The flow run's final state message (the run header) and so its last log line (as the run log has it; the UI
+    # shows the same records) point at the report.
+    [run_log] = [f for f in (tmp_path / "runs").glob("*/run.log") if second["run_id"] in f.read_text()]
+    flow_lines = [ln.split(" prefect.flow_runs: ", 1)[1] for ln in run_log.read_text().splitlines()
+                  if " prefect.flow_runs: " in ln]
+    report = (f"report: {second['stages']['eval']['uri']}/report.md; in Prefect: the eval task run's artifacts "
+              f"(demo-eval-report); from a shell: `rlhf report {second['run_id']} --store {store}`")
+    assert flow_lines[-2:] == [report, f"Finished in state Completed({report!r})"]
 
 
 def test_run_checks_and_plans_once_and_the_flow_plans_a_bare_config(fakes, tmp_path, prefect_api, monkeypatch):
@@ -373,3 +403,55 @@ def test_s3_store_keeps_cache_records_in_the_bucket(fakes, tmp_path, prefect_api
                            use_listings_cache=False)
     assert len(fs.ls(f"{url}/_prefect/cache")) == 2
     assert fs.exists(f"{url}/runs/{second['run_id']}.json")
+
+
+def test_a_name_given_in_the_form_is_kept_and_generated_names_are_unique(fakes, tmp_path, prefect_api):
+    """A flow run created with a name (the UI form, run_deployment) keeps it; one Prefect named (`word-word`) is
+    renamed to what differs (until included) plus a piece of its id, so two runs of one config differ."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import rlhf_pipeline
+
+    params = {"config": load_config(None, [f"store.url={tmp_path / 'store'}",
+                                           f"execution.runs_dir={tmp_path / 'runs'}"]).model_dump(mode="json"),
+              "until": "data", "overrides": ["ppo.kl_coef=0.05"]}
+    names = []
+    with get_client(sync_client=True) as client:
+        for given in ("KL sweep: baseline", "brave-otter", "calm-heron"):
+            run = client.create_flow_run(rlhf_pipeline, name=given, parameters=params)
+            run_flow(rlhf_pipeline, flow_run=run, parameters=params)
+            names.append(client.read_flow_run(run.id).name)
+    assert names[0] == "KL sweep: baseline"
+    for name in names[1:]:
+        assert name.startswith("demo-kl_coef0.05-until-data-") and len(name.rsplit("-", 1)[1]) == 6
+    assert names[1] != names[2]
+    assert fakes() == ["data"]
+
+
+def test_pull_step_reads_the_workers_project_dir_at_run_time(tmp_path, monkeypatch, prefect_api):
+    """`prefect deploy` templates the pull steps with the deploying machine's environment: our step has nothing
+    to fill in, and run on the "worker" (Prefect's own run_steps) it goes to the worker's folder."""
+    import asyncio
+    import os
+
+    import yaml
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.templating import apply_values
+
+    pull = yaml.safe_load((TESTS.parent / "deployments" / "prefect.yaml").read_text())["pull"]
+    monkeypatch.setenv("RLHF_PROJECT_DIR", "/home/laptop/rlhf-tasks")  # the deploying machine
+    stored = apply_values(pull, dict(os.environ), remove_notset=False)  # what `prefect deploy` does with them
+    assert "/home/laptop" not in str(stored)
+
+    worker_dir = tmp_path / "checkout"
+    worker_dir.mkdir()
+    monkeypatch.setenv("RLHF_PROJECT_DIR", str(worker_dir))  # the worker, later
+    monkeypatch.chdir(tmp_path)
+    outputs = asyncio.run(run_steps(stored))
+    assert Path.cwd() == worker_dir and outputs["directory"] == str(worker_dir)
+
+    monkeypatch.delenv("RLHF_PROJECT_DIR")
+    with pytest.raises(Exception) as failed:
+        asyncio.run(run_steps(stored))
+    assert "RLHF_PROJECT_DIR is not set on this worker" in str(failed.value.__cause__)

@@ -15,11 +15,11 @@ def test_prefect_yaml_deployments_and_entrypoints():
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"on-demand", "scheduled-retrain", "gpu"}
+    assert set(deps) == {"on-demand", "scheduled-retrain", "sweep", "gpu"}
     assert deps["gpu"]["work_pool"]["name"] == "gpu"
     assert deps["scheduled-retrain"]["schedules"][0]["cron"]
     names = {load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False).name for d in deps.values()}
-    assert names == {"rlhf-pipeline", "train-stage"}
+    assert names == {"rlhf-pipeline", "rlhf-sweep", "train-stage"}
 
 
 def test_pipeline_parameters_are_the_typed_config_form():
@@ -35,6 +35,19 @@ def test_pipeline_parameters_are_the_typed_config_form():
     assert schema["properties"]["config"]["default"]["experiment"] == "demo"  # the tiny preset
 
 
+def test_sweep_parameters_are_the_typed_config_and_grid():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.sweep import rlhf_sweep
+
+    schema = parameter_schema(rlhf_sweep.fn).model_dump()
+    assert set(schema["properties"]) == {"config", "grid", "until", "overrides", "variant_plans", "run_folder"}
+    assert {"PipelineConfig", "GridAxis"} <= set(schema["definitions"])
+    assert set(schema["definitions"]["GridAxis"]["properties"]) == {"key", "values"}
+    assert schema["properties"]["grid"]["default"] == [{"key": "ppo.kl_coef", "values": [0.05, 0.1]}]
+    assert all(schema["properties"][p].get("description") for p in schema["properties"])
+
+
 def test_overrides_parameter_and_run_names():
     from flows.pipeline import _config_param
 
@@ -46,7 +59,8 @@ def test_overrides_parameter_and_run_names():
 def test_serve_entry_point_builds_the_same_deployments():
     mod = runpy.run_path(str(ROOT / "deployments" / "serve.py"), run_name="not_main")
     got = {(d.flow_name, d.name) for d in mod["deployments"]()}
-    assert got == {("rlhf-pipeline", "on-demand"), ("rlhf-pipeline", "scheduled-retrain"), ("train-stage", "gpu")}
+    assert got == {("rlhf-pipeline", "on-demand"), ("rlhf-pipeline", "scheduled-retrain"), ("rlhf-sweep", "sweep"),
+                   ("train-stage", "gpu")}
 
 
 def test_gpu_job_template_maps_gpu_count_selector_and_tolerations():

@@ -6,7 +6,9 @@ tests/flow_fake_stages.py (this test is about orchestration; the stages have the
 1. first run: every stage ran; sft/reward/ppo ran as their own `train-stage/gpu` flow runs (execution.work_pool);
 2. second run, same parameters: every stage is a Prefect cache hit, nothing launched;
 3. `rlhf run` with a fresh Prefect home (ephemeral API, empty database) on the same store: still every stage
-   cached, from the records kept in the bucket.
+   cached, from the records kept in the bucket;
+4. the `rlhf-sweep/sweep` deployment over two kl_coef values with the grid as its typed parameter: the shared
+   stages are cached, each variant's ppo and eval run, and the comparison report is in the bucket.
 """
 from __future__ import annotations
 
@@ -105,8 +107,8 @@ def _prefect(env, *args, timeout=300) -> str:
     return out.stdout + out.stderr
 
 
-def _trigger(env, overrides: list[str]) -> str:
-    out = _prefect(env, "deployment", "run", "rlhf-pipeline/on-demand", "--param", f"overrides={json.dumps(overrides)}",
+def _trigger(env, overrides: list[str], deployment: str = "rlhf-pipeline/on-demand", *params: str) -> str:
+    out = _prefect(env, "deployment", "run", deployment, "--param", f"overrides={json.dumps(overrides)}", *params,
                    "--watch", "--watch-interval", "2", "--watch-timeout", "600", timeout=700)
     m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert m, out
@@ -132,6 +134,10 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     out = _prefect(env, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     for name in ("on-demand", "scheduled-retrain", "gpu"):
         assert name in out
+    # The stored pull step names the worker's variable, not this machine's RLHF_PROJECT_DIR (ROOT).
+    inspected = _prefect(env, "deployment", "inspect", "rlhf-pipeline/on-demand")
+    pull = re.search(r"'pull_steps': \[(.*?)\]", inspected, re.S)
+    assert pull and "set_project_dir" in pull.group(1) and str(ROOT) not in pull.group(1), inspected
     url = f"{s3_bucket}/exp"
     overrides = [f"store.url={url}", f"store.endpoint_url={moto_server}", "execution.work_pool=gpu",
                  f"execution.runs_dir={tmp_path / 'runs'}", "execution.retry_delay_s=0"]
@@ -142,7 +148,8 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     first_s = time.time() - t0
     assert {s: v["status"] for s, v in first["stages"].items()} == dict.fromkeys(STAGES, "ran")
     events = _events(env)
-    assert [e[0] for e in events] == STAGES
+    order = [e[0] for e in events]  # sft and reward run at the same time (4 slots with a work pool): either first
+    assert order[0] == "data" and sorted(order[1:3]) == ["reward", "sft"] and order[3:] == ["ppo", "eval"]
     # The training stages ran in their own train-stage flow runs on the gpu pool; data and eval in the pipeline's.
     run_of = {e[0]: e[2] for e in events}
     assert run_of["data"] == run_of["eval"] == first["run_id"]
@@ -171,3 +178,15 @@ def test_server_worker_deploy_trigger_and_cache(env, server, s3_bucket, moto_ser
     assert {v["prefect_state"] for v in third["stages"].values()} == {"Cached"}
     assert {s: v["uri"] for s, v in third["stages"].items()} == {s: v["uri"] for s, v in first["stages"].items()}
     assert _events(env) == []
+
+    # A sweep from its deployment, the grid as the typed parameter: data/sft/reward are the first run's.
+    grid = [{"key": "ppo.kl_coef", "values": [0.05, 0.2]}]
+    run_id = _trigger(env, overrides, "rlhf-sweep/sweep", "--param", f"grid={json.dumps(grid)}")
+    variants = [_record(fs, url, f"{run_id}-{i}") for i in range(2)]
+    for v in variants:
+        assert {s: x["status"] for s, x in v["stages"].items()} == {"data": "cached", "sft": "cached",
+                                                                     "reward": "cached", "ppo": "ran", "eval": "ran"}
+    assert sorted(e[0] for e in _events(env)) == ["eval", "eval", "ppo", "ppo"]
+    [report] = fs.glob(f"{url}/sweeps/*/sweep-report.md")
+    text = fs.cat(report).decode()
+    assert "kl_coef=0.05" in text and "kl_coef=0.2" in text

@@ -83,6 +83,39 @@ def test_keyboard_interrupt_in_caller_kills_the_group():
     assert len(pids) == 2 and _wait_gone(pids) == []
 
 
+def test_a_stopped_run_takes_down_jobs_running_in_other_threads():
+    """A scheduler running jobs in worker threads (flows/stage_loop.run_graph) sets its STOP_JOBS event on Ctrl-C:
+    each job it started, in any thread, is killed with its group and raises KeyboardInterrupt; a job started after
+    that does not start at all."""
+    import contextvars
+    import threading
+
+    from rlhf_tasks.launch import STOP_JOBS
+
+    stop, pids, outcome = threading.Event(), [], []
+    STOP_JOBS.set(stop)  # this test's own context; the thread gets a copy, as the scheduler's threads do
+    context = contextvars.copy_context()
+    STOP_JOBS.set(None)
+
+    def log(line):
+        if line.startswith("PIDS"):
+            pids.extend(int(x) for x in line.split()[1:])
+            stop.set()  # "Ctrl-C in the main thread" once the job is up
+
+    def job():
+        try:
+            run_job([PY, "-c", SLEEPER], dict(os.environ), log=log, timeout_s=120, grace_s=2)
+        except KeyboardInterrupt as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=context.run, args=(job,))
+    t.start()
+    t.join(60)
+    assert len(outcome) == 1 and len(pids) == 2 and _wait_gone(pids) == []
+    with pytest.raises(KeyboardInterrupt, match="before the job started"):
+        context.run(run_job, [PY, "-c", "print('never')"], dict(os.environ), log=log)
+
+
 def test_caller_death_kills_the_group(tmp_path):
     """The caller is SIGKILLed (no cleanup runs in it): the supervisor takes the job down."""
     caller = textwrap.dedent(f"""

@@ -229,3 +229,46 @@ def test_compiled_step_equals_generate_and_compiles_once():
     narrower = hf_generate(model, ids[:, 2:], mask[:, 2:], dict(kw))
     assert torch.equal(dec.generate(ids[:, 2:], mask[:, 2:], s), narrower)
     assert dec.compile_s == first, "a narrower prompt reuses the bucketed shapes: no second compilation"
+
+
+# ---- a prefix shared by every prompt: computed once ---------------------------------------------------------------
+def test_shared_prefix_length_and_layout():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 4, 3], [0, 5, 6, 7, 8, 1]])
+    mask = (ids != 0).long()
+    assert decode.shared_prefix_length(ids, mask) == 3  # 5 6 7 in every row (row 0 has 4 real tokens)
+    assert decode.shared_prefix_length(ids[:, :4], mask[:, :4]) == 1  # at most the shortest prompt minus one
+    assert decode.shared_prefix_length(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    new_ids, new_mask = decode.shared_prefix_layout(ids, mask, 3, width=8, pad_id=0)
+    assert new_ids.tolist() == [[5, 6, 7, 0, 0, 0, 0, 8], [5, 6, 7, 0, 0, 9, 4, 3], [5, 6, 7, 0, 0, 0, 8, 1]]
+    assert new_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 1], [1, 1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0, 1, 1]]
+    # positions over real tokens are those of the left-padded layout
+    old_pos = decode.prompt_positions(mask)[mask.bool()]
+    assert torch.equal(decode.prompt_positions(new_mask)[new_mask.bool()], old_pos)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_with_a_shared_prefix_equals_generate(attn):
+    """Ragged prompts that begin with the same 9 tokens: the prefix is computed once (one forward of one row before
+    the batch's prefill), and the output is `generate`'s token for token."""
+    for name, model in _models():
+        model = _lively(model)
+        model.config._attn_implementation = attn
+        ids, mask = _ragged(64, pad=2)
+        prefix = torch.randint(3, 64, (9,), generator=torch.Generator().manual_seed(4))
+        ids = torch.cat([torch.full((3, 9), 2), ids], 1)
+        mask = torch.cat([torch.zeros(3, 9, dtype=torch.long), mask], 1)
+        for i in range(3):  # the prefix right before each row's own tokens (left padding stays in front)
+            start = int((mask[i] == 0).sum()) - 9
+            ids[i, start:start + 9], mask[i, start:start + 9] = prefix, 1
+        kw = dict(do_sample=False, max_new_tokens=7, pad_token_id=2, eos_token_id=1, min_new_tokens=2)
+        ref = hf_generate(model, ids, mask, dict(kw))
+        s, _ = decode.settings_from_generate_kwargs(model, kw)
+        widths = []
+        hook = model.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["input_ids"].shape)),
+                                               with_kwargs=True)
+        dec = decode.StaticDecoder(model, bucket=4)
+        out = dec.generate(ids, mask, s)
+        hook.remove()
+        assert dec.last_shared_prefix >= 9, name
+        assert widths[0] == (1, dec.last_shared_prefix) and widths[1][0] == 3, (name, widths[:2])
+        assert torch.equal(out, ref), (name, attn)

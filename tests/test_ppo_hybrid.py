@@ -178,3 +178,65 @@ def test_deepspeed_hybrid_engine_clear_error_without_cuda(tiny):
     engine = build_engine(load_causal_lm(path), TrainingConfig(micro_batch_size=2), lr=1e-3, total_steps=1)
     with pytest.raises(ConfigError, match="hybrid_engine"):
         DeepSpeedHybridEngine(engine)
+
+
+@pytest.mark.parametrize("generation", ["hf", "auto"])
+def test_stage_generation_runs_cached_merged_and_in_eval_mode(tiny, generation):
+    """The PPO stage's generation call (`generate_experience` on an RLHFEngine built as the stage builds it: LoRA
+    on the actor, gradient checkpointing on for training), inspected at every forward of the model while it
+    generates: eval mode (dropout and checkpointing off), a KV cache passed and used (after the prefill one token
+    per row per forward, never the whole sequence again), and LoRA merged (with the static loop, peft's wrappers not
+    called at all). A regression to per-token peft forwards, an unused cache or training mode fails here."""
+    from rlhf_tasks.config.stages import PPOConfig
+    from rlhf_tasks.ppo import PPOTrainer, RLHFEngine
+    from rlhf_tasks.training.engine import plain_hf_model
+
+    path, tok, *_ = tiny
+    cfg = PPOConfig(prompt_batch_size=3, mini_batch_size=3, max_new_tokens=8, min_new_tokens=8, generation=generation,
+                    actor={"gradient_checkpointing": True, "lora": {"r": 4}})
+    engine = RLHFEngine(_lively(load_causal_lm(path)), path, tokenizer=tok, total_steps=2, config=cfg)
+    hf_model = plain_hf_model(engine.actor)
+    lora_layers = [m for m in engine.actor.module.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and hf_model.is_gradient_checkpointing
+    calls, wrapper_calls = [], []
+
+    def look(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append(dict(width=ids.shape[1], training=module.training, cache=kwargs.get("cache"),
+                          use_cache=kwargs.get("use_cache"),
+                          merged=all(m.merged for m in lora_layers)))
+
+    hooks = [hf_model.register_forward_pre_hook(look, with_kwargs=True),
+             lora_layers[0].register_forward_hook(lambda *_: wrapper_calls.append(len(calls)))]
+    trainer = PPOTrainer(engine)
+    P = max(len(tok(p)["input_ids"]) for p in PROMPTS)
+    try:
+        exp = trainer.generate_experience([tok(p)["input_ids"] for p in PROMPTS])
+    finally:
+        for h in hooks:
+            h.remove()
+    generation_calls = calls[:8]  # then the experience pass: one forward over the whole sequences
+    assert exp.responses.shape[1] == 8 and calls[8]["width"] == P + 8
+    assert generation_calls[0]["width"] >= P and [c["width"] for c in generation_calls[1:]] == [1] * 7
+    assert all(c["cache"] is not None and c["use_cache"] is not False for c in generation_calls)
+    assert all(not c["training"] and c["merged"] for c in generation_calls)
+    in_generation = [n for n in wrapper_calls if n <= 8]  # the experience pass (unmerged, training weights) after
+    assert bool(in_generation) == (generation == "hf")  # hf: merged wrappers called; the loop: base layers only
+    assert engine.actor.module.training and not any(m.merged for m in lora_layers), "train mode, unmerged after"
+
+
+def test_shared_prompt_prefix_under_zero3_and_lora(tiny):
+    """Prompts behind one long system text (its tokens computed once by the static loop) through the hybrid engine
+    at ZeRO-3 with LoRA: greedy output equal to plain `generate` on the merged weights."""
+    path, tok, *_ = tiny
+    system = " Human: You are a helpful assistant, you answer every question about the old city by the river."
+    ids, mask = left_pad([tok(system + p.removeprefix(" Human:"))["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    model = apply_lora(_lively(load_causal_lm(path)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _lively(model, names="lora_B")
+    plain = copy.deepcopy(model).merge_and_unload().eval()
+    eos = _eos_ids(plain, ids, mask, tok)
+    engine = build_engine(model, TrainingConfig(zero_stage=3, micro_batch_size=3), lr=1e-3, total_steps=2)
+    he = PortableHybridEngine(engine, generation="auto")
+    out = he.generate(ids, mask, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    assert he.decoder.last_shared_prefix >= 8
+    assert torch.equal(out, _greedy(plain, ids, mask, tok, eos=eos))

@@ -16,7 +16,7 @@ from rlhf_tasks.training.distributed import init_distributed, seed_everything
 
 METRICS = ("reward/score_mean", "reward/score_std", "gold/mean", "kl/ref", "entropy", "response/length",
            "response/eos_rate", "value/explained_variance", "policy/clipfrac", "value/clipfrac", "policy/approx_kl",
-           "gen/tokens_per_s", "time/generation_s", "time/train_s", "time/step_s", "policy/loss", "value/loss")
+           "gen/tokens_per_s", "gen/decode_tokens_per_s", "time/generation_s", "time/train_s", "time/step_s", "policy/loss", "value/loss")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,8 @@ def test_short_run_metrics_and_experience(tiny):
         assert k in stats, k
         assert math.isfinite(stats[k]) or k == "value/explained_variance", (k, stats[k])
     assert stats["kl/ref"] != 0.0 and trainer.global_step == 2
+    # every row is decoded until the last one ends: at least the answer tokens each row keeps (up to its EOS)
+    assert stats["gen/decode_tokens_per_s"] >= stats["gen/tokens_per_s"] > 0
     ema_w = engine.ema.shadow["model.embed_tokens.weight"]
     assert not torch.equal(ema_w, engine.actor.module.model.embed_tokens.weight.detach().float())
 

@@ -166,3 +166,16 @@ def test_deepspeed_checkpoint_loads_refuse_pickled_code(tmp_path):
         assert torch.equal(TorchCheckpointEngine().load(str(ok))["module"]["w"], torch.ones(2))
     assert not marker.exists()
     assert torch.load(f, weights_only=False) and marker.exists()  # the unscoped default really would run it
+
+
+def test_op_build_pending_tells_a_compiled_op_from_one_to_compile(tmp_path, monkeypatch):
+    """Against DeepSpeed's real builder and torch's extension folder: an empty TORCH_EXTENSIONS_DIR means the op
+    would compile (its folder is returned); a compiled module there (or DeepSpeed's prebuilt one) means no build."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    folder = internals.op_build_pending(builder)
+    assert folder == str(tmp_path / "ext" / builder.name)
+    (Path(folder) / f"{builder.name}.so").write_bytes(b"")
+    assert internals.op_build_pending(builder) is None

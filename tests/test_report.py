@@ -208,3 +208,13 @@ def test_report_flags_greedy_loops_and_collapse(tmp_path):
     assert "| metric | SFT greedy | PPO greedy | SFT sampled | PPO sampled |" in text
     assert "| gold − SFT's, mean [95% paired bootstrap CI] | — | +0.200 [+0.100, +0.300] | — | +0.050 [-0.020, " \
            "+0.120] |" in text
+
+
+def test_every_stage_s_training_curves_have_a_title_in_pipeline_order(tmp_path):
+    from rlhf_tasks.evaluation import plots
+    from rlhf_tasks.stages import STAGE_DEFS
+
+    assert list(plots.STAGE_TITLES) == list(STAGE_DEFS)  # a DPO run's curves say "DPO", after SFT and the RM
+    curves = {s: [{"step": i, "loss": 1.0 / (i + 1)} for i in range(5)] for s in ("dpo", "sft")}
+    assert list(plots.make_plots(curves, [], ["sft", "ppo"], tmp_path)) == ["sft", "dpo"]
+    _png_ok(tmp_path / "plots" / "dpo.png")

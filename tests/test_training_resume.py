@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from _training_helpers import (launch_and_kill, make_spec, metrics, run_in_process, step_losses,
+from _training_helpers import (launch_and_kill, make_spec, metrics, put_tiny_sft, run_in_process, step_losses,
                                tiny_cfg)
 from rlhf_tasks.config import ExecutionConfig
 from rlhf_tasks.launch import run_stage
@@ -17,9 +17,14 @@ def _cfg(stage, steps, extra=()):
                      f"{stage}.dropout=0.1", f"{stage}.log_every=1", *extra])
 
 
+def _inputs(stage, store, cfg) -> dict:
+    """The inputs a stage job reads besides the data: dpo starts from an SFT artifact (the tiny actor as is)."""
+    return {"sft": put_tiny_sft(store, cfg)} if stage == "dpo" else {}
+
+
 def _run(stage, cfg, store, data_uri, tmp_path, execution, name):
     key = uuid.uuid4().hex[:24]
-    spec = make_spec(stage, cfg, store, data_uri, tmp_path / name, key)
+    spec = make_spec(stage, cfg, store, data_uri, tmp_path / name, key, _inputs(stage, store, cfg))
     uri = run_stage(spec, execution, log=lambda line: None)
     return spec, metrics(store, uri)
 
@@ -34,7 +39,7 @@ def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, k
         full = full_run(cfg)
 
     key = uuid.uuid4().hex[:24]
-    spec = make_spec(stage, cfg, store, data_uri, tmp_path / "crash", key)
+    spec = make_spec(stage, cfg, store, data_uri, tmp_path / "crash", key, _inputs(stage, store, cfg))
     launch_and_kill(spec, execution, kill_after_step=kill_after)
     assert not store.exists(stage, key)
     assert [k for k in store.keys(f"ckpt-{stage}") if k.startswith(key)] == [f"{key}.step-00000002"]
@@ -54,21 +59,30 @@ def kill_resume_equality(stage, store, data_uri, tmp_path, execution, steps=6, k
     return full, resumed
 
 
-def test_sft_kill_and_resume_single_process(store, data_uri, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_kill_and_resume_single_process(stage, store, data_uri, tmp_path, monkeypatch):
     def in_process(cfg):  # the reference run without a launch (saves a job start)
         key = uuid.uuid4().hex[:24]
-        spec = make_spec("sft", cfg, store, data_uri, tmp_path / "full", key)
+        spec = make_spec(stage, cfg, store, data_uri, tmp_path / "full", key, _inputs(stage, store, cfg))
         run_in_process(spec, monkeypatch)
         return metrics(store, spec.output_uri)
 
-    kill_resume_equality("sft", store, data_uri, tmp_path, ExecutionConfig(device="cpu", timeout_s=300),
-                         full_run=in_process)
+    full, resumed = kill_resume_equality(stage, store, data_uri, tmp_path,
+                                         ExecutionConfig(device="cpu", timeout_s=300), full_run=in_process)
+    if stage == "dpo":  # every per-step DPO metric, not only the loss, is the uninterrupted run's
+        a = {r["step"]: r for r in full["history"] if "loss" in r}
+        b = {r["step"]: r for r in resumed["history"] if "loss" in r}
+        for s in a:
+            for k in ("accuracy", "margin", "logp_chosen", "logp_rejected"):
+                assert b[s][k] == pytest.approx(a[s][k], rel=1e-5, abs=1e-6), f"step {s} {k}"
 
 
 @pytest.mark.slow
-def test_sft_kill_and_resume_two_processes_zero3(store, data_uri, tmp_path):
-    kill_resume_equality("sft", store, data_uri, tmp_path, ExecutionConfig(device="cpu", num_procs=2, timeout_s=600),
-                         extra=["sft.zero_stage=3"])
+@pytest.mark.parametrize("stage,extra", [("sft", []), ("dpo", ["dpo.reference=copy"])])
+def test_kill_and_resume_two_processes_zero3(stage, extra, store, data_uri, tmp_path):
+    """ZeRO-3 over two ranks (dpo: its frozen reference copy partitioned as well)."""
+    kill_resume_equality(stage, store, data_uri, tmp_path, ExecutionConfig(device="cpu", num_procs=2, timeout_s=600),
+                         extra=[f"{stage}.zero_stage=3", *extra])
 
 
 @pytest.mark.slow

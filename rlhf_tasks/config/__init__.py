@@ -11,12 +11,13 @@ from .pipeline import (
     parse_override,
     preset_path,
 )
-from .stages import DataConfig, EvalConfig, PPOConfig, PPOModelConfig, RewardConfig, SFTConfig, SourceConfig
+from .stages import (DataConfig, DPOConfig, EvalConfig, PPOConfig, PPOModelConfig, RewardConfig, SFTConfig,
+                     SourceConfig)
 from .training import AdamWConfig, EngineConfig, LoraConfig, OptimConfig, TrainingConfig
 
 __all__ = [
     "PipelineConfig", "ModelsConfig", "StoreConfig", "ExecutionConfig", "TinyModelConfig",
-    "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "PPOConfig", "PPOModelConfig", "EvalConfig",
+    "DataConfig", "SourceConfig", "SFTConfig", "RewardConfig", "DPOConfig", "PPOConfig", "PPOModelConfig", "EvalConfig",
     "TrainingConfig", "EngineConfig", "OptimConfig", "AdamWConfig", "LoraConfig",
     "load_config", "config_from_dict", "apply_overrides", "parse_override", "preset_path",
 ]

@@ -1,4 +1,4 @@
-"""The alignment methods of step 3 and the stages each one runs: the one table `method` is looked up in.
+"""The alignment methods and the stages each one runs: the one table `method` is looked up in.
 
 A method names the stage that trains the policy evaluation compares with SFT (`policy_stage`) and whether that
 stage reads the reward model (`trains_on_reward_model`). The pipeline of a config is then
@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 class Method:
     policy_stage: str  # the stage that trains the method's policy (its artifact: an HF folder or `actor/`)
     trains_on_reward_model: bool  # the policy stage takes the reward stage's artifact as an input
+    trains_on: str  # what the policy stage learns from, for `rlhf plan`
 
 
 METHODS: dict[str, Method] = {
-    "ppo": Method("ppo", trains_on_reward_model=True),
+    "ppo": Method("ppo", trains_on_reward_model=True, trains_on="its own answers scored by the reward model"),
     # critic-free step 3 (rlhf_tasks.ppo.stage); scored by `ppo.reward_fn` alone they do not read the reward model
-    "grpo": Method("grpo", trains_on_reward_model=True),
-    "rloo": Method("rloo", trains_on_reward_model=True),
+    "grpo": Method("grpo", trains_on_reward_model=True, trains_on="groups of its own answers, scored (ppo.reward)"),
+    "rloo": Method("rloo", trains_on_reward_model=True, trains_on="groups of its own answers, scored (ppo.reward)"),
+    # direct preference optimisation (rlhf_tasks.training.dpo): the reward stage runs only for evaluation's scores
+    "dpo": Method("dpo", trains_on_reward_model=False,
+                  trains_on="the reward phase's preference pairs directly (the SFT policy is its reference)"),
 }
 STEP3 = ("ppo", "grpo", "rloo")  # the methods whose policy stage is step 3 (the `ppo` section configures it)
 POLICY_STAGES = tuple(dict.fromkeys(m.policy_stage for m in METHODS.values()))

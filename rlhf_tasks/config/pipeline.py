@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from . import rules
 from ._base import Section
 from .methods import METHODS
-from .stages import DataConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
+from .stages import DataConfig, DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 MIN_TIMEOUT_S = 60.0
@@ -83,6 +83,13 @@ class ExecutionConfig(Section):
                          "bad input found inside a job is never retried.")
     retry_delay_s: float = Field(10.0, ge=0, description="Delay before the first retry, doubling each time (default "
                                  "10, 20, 40 s: rides out a minute of store outage).")
+    max_parallel_stages: int | None = Field(
+        None, ge=1,
+        description="Stage jobs running at the same time where the plan allows it (SFT and the reward model after the "
+        "data; a sweep's variants). Empty: what fits the machine (rlhf_tasks/devices.py): one job per num_procs GPUs "
+        "on a GPU node (each gets its own GPUs), one per 8 CPU cores on a CPU box (1 on a small one), 4 with a work "
+        "pool, 1 for multi-node jobs.",
+    )
     work_pool: str | None = Field(None, description="Run training stages as flow runs of train-stage on this pool.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Accelerator for stage jobs.")
     train_deployment: str | None = Field(
@@ -105,10 +112,12 @@ class PipelineConfig(Section):
     experiment: str = Field("demo", description="Experiment name (flow run names, report titles).")
     method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]  (the choices are the table's rows)
         "ppo",
-        description="Step 3's alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
+        description="The alignment method, which picks the pipeline's stages (rlhf_tasks/config/methods.py): "
         "ppo = data -> sft -> reward -> ppo -> eval; grpo / rloo = the same with the critic-free stage grpo / rloo "
-        "(ppo.samples_per_prompt >= 2; with ppo.reward=fn that stage does not read the reward model). Stages a method shares with another (data, sft, reward) have "
-        "the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
+        "(ppo.samples_per_prompt >= 2; with ppo.reward=fn that stage does not read the reward model); dpo = data "
+        "-> sft -> reward -> dpo -> eval, where dpo trains the SFT policy on the reward phase's pairs (section "
+        "dpo) and the reward model serves only evaluation. Stages a method shares with another (data, sft, reward) "
+        "have the same keys, so switching reuses them from the store: `rlhf run --set method=...`.",
     )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Base models.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
@@ -116,7 +125,8 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Step 0: data blend.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: SFT.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: reward model.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO (method: ppo).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO (method: ppo, grpo, rloo).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO on the preference pairs (method: dpo).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and report.")
 
     @model_validator(mode="after")
@@ -125,7 +135,7 @@ class PipelineConfig(Section):
         return self
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any, origin: str = "--set") -> None:
     keys = dotted.split(".")
     node = tree
     for i, k in enumerate(keys[:-1]):
@@ -133,19 +143,16 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[k] = {}
         elif not isinstance(nxt, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+            raise ConfigError(f"{origin} {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = nxt
     node[keys[-1]] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # `ppo.kl_coef`
+
+
+def parse_value(raw: str) -> Any:
+    """A value typed on the command line, parsed as YAML (numbers, bools, lists); `1e-3` is a number too."""
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -155,15 +162,27 @@ def parse_override(item: str) -> tuple[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return key, value
+    return value
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> list[str]:
-    """Apply `--set KEY=VALUE` items to a config tree in place; returns the keys set."""
+def parse_override(item: str, origin: str = "--set") -> tuple[str, Any]:
+    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); the value is parsed as YAML (numbers, bools, lists).
+    `origin` names where the item came from in messages (`--set` on the CLI, `overrides` in a flow run)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{origin} {item!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.05")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not DOTTED_KEY.fullmatch(key):
+        raise ConfigError(f"{origin} {item!r}: bad key {key!r}")
+    return key, parse_value(raw)
+
+
+def apply_overrides(tree: dict, overrides: list[str], origin: str = "--set") -> list[str]:
+    """Apply `KEY=VALUE` items to a config tree in place; returns the keys set. `origin`: see parse_override."""
     keys = []
     for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(tree, key, value)
+        key, value = parse_override(item, origin)
+        set_dotted(tree, key, value, origin)
         keys.append(key)
     return keys
 
@@ -238,18 +257,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif not Path(path).exists() and re.fullmatch(r"[\w.\-]+", str(path)) and (PRESETS_DIR / f"{path}.yaml").exists():
         path = preset_path(str(path))
     tree = read_yaml(path)
-    set_keys = apply_overrides(tree, overrides or [])
+    return config_from_dict(tree, str(path), overrides or [])
+
+
+def config_from_dict(tree: dict, origin: str = "config", overrides: list[str] | None = None,
+                     overrides_origin: str = "--set") -> PipelineConfig:
+    """Validate a plain dict (e.g. Prefect parameters) with the same one-line errors as files, after applying
+    `overrides` (`KEY=VALUE` items) to it in place. An error about a key the overrides set names
+    `overrides_origin` (`--set`, or the flow's `overrides` parameter); any other names `origin`."""
+    set_keys = apply_overrides(tree, overrides or [], overrides_origin)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         fields = _error_fields(e.errors()[0])
         by_set = any(f == k or f.startswith(k + ".") for f in fields for k in set_keys)
-        raise ConfigError(_format_error(e, "--set" if by_set else str(path))) from None
-
-
-def config_from_dict(tree: dict, origin: str = "config") -> PipelineConfig:
-    """Validate a plain dict (e.g. Prefect parameters) with the same one-line errors as files."""
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, origin)) from None
+        raise ConfigError(_format_error(e, overrides_origin if by_set else origin)) from None

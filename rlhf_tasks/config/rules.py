@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Mapping
 from pydantic_core import PydanticCustomError
 
 from ..errors import ConfigError
+from .methods import STEP3
 
 if TYPE_CHECKING:
     from .pipeline import PipelineConfig, TinyModelConfig
-    from .stages import PPOConfig
+    from .stages import DPOConfig, PPOConfig
     from .training import EngineConfig
 
 
@@ -78,6 +79,22 @@ def ppo_rules(ppo: PPOConfig) -> list[Violation]:
     return out
 
 
+def dpo_rules(dpo: DPOConfig) -> list[Violation]:
+    """The reference DPO is asked to use exists, and no setting is given that the chosen loss ignores."""
+    out = []
+    lora = dpo.lora
+    if dpo.reference == "adapter" and not (lora.r > 0 and lora.only_optimize_lora):
+        out.append(Violation(("dpo.reference", "dpo.lora.r", "dpo.lora.only_optimize_lora"),
+                             "dpo.reference=adapter needs LoRA with a frozen base (dpo.lora.r > 0 and "
+                             "dpo.lora.only_optimize_lora=true): with the adapters disabled the policy is the SFT "
+                             "policy only then; use dpo.reference=copy or precomputed"))
+    if dpo.loss == "ipo" and dpo.label_smoothing > 0:
+        out.append(Violation(("dpo.label_smoothing", "dpo.loss"),
+                             f"dpo.label_smoothing ({dpo.label_smoothing}) is unused with dpo.loss=ipo; it smooths "
+                             "the sigmoid loss (conservative DPO)"))
+    return out
+
+
 CRITIC_FREE = ("grpo", "rloo")  # step-3 methods without a critic: the baseline is the prompt's other answers
 # PPO fields that configure only the critic (or GAE's lambda): ignored by grpo/rloo and left out of their stage key
 CRITIC_FIELDS = ("critic", "critic_lr", "cliprange_value", "vf_coef", "critic_from_reward", "critic_warmup_steps",
@@ -126,7 +143,8 @@ def _model_refs(cfg: PipelineConfig) -> list[str]:
 
 def _trained(cfg: PipelineConfig) -> dict[str, EngineConfig]:
     """Every trained model's engine settings by config path."""
-    return {"sft": cfg.sft, "reward": cfg.reward, "ppo.actor": cfg.ppo.actor, "ppo.critic": cfg.ppo.critic}
+    return {"sft": cfg.sft, "reward": cfg.reward, "dpo": cfg.dpo, "ppo.actor": cfg.ppo.actor,
+            "ppo.critic": cfg.ppo.critic}
 
 
 def processes(cfg: PipelineConfig) -> int:
@@ -134,19 +152,28 @@ def processes(cfg: PipelineConfig) -> int:
     return cfg.execution.num_procs * cfg.execution.num_nodes
 
 
+TRAINING_PHASES = {"sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "reward"}  # section -> data phase it trains on
+
+
 def rows_per_step(cfg: PipelineConfig) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """Training rows each stage takes from its data phase per step (all processes), with the fields whose product
-    it is."""
+    """Training rows each config section's stage takes from its data phase (`TRAINING_PHASES`: dpo trains on the
+    reward phase's pairs) per step (all processes), with the fields whose product it is. The stages of the
+    config's method only: a dpo run does not ask the ppo section to fit, nor a ppo run the dpo section."""
+    from .methods import pipeline_stages
+
     world = processes(cfg)
     procs = ("execution.num_procs", "execution.num_nodes")
+    stages = pipeline_stages(cfg)
     out = {}
-    for stage in ("sft", "reward"):
+    for stage in ("sft", "reward", "dpo"):
         t = getattr(cfg, stage)
-        out[stage] = (t.micro_batch_size * t.grad_accum * world,
-                      (f"{stage}.micro_batch_size", f"{stage}.grad_accum", *procs))
+        if stage in stages:
+            out[stage] = (t.micro_batch_size * t.grad_accum * world,
+                          (f"{stage}.micro_batch_size", f"{stage}.grad_accum", *procs))
     p = cfg.ppo
-    out["ppo"] = (p.prompt_batch_size * p.generation_batches * world,
-                  ("ppo.prompt_batch_size", "ppo.generation_batches", *procs))
+    if cfg.method in STEP3:
+        out["ppo"] = (p.prompt_batch_size * p.generation_batches * world,
+                      ("ppo.prompt_batch_size", "ppo.generation_batches", *procs))
     return out
 
 
@@ -170,12 +197,13 @@ def data_fit_rules(cfg: PipelineConfig, train_rows: Mapping[str, int], known_fro
     out = []
     world = processes(cfg)
     for stage, (need, fields) in rows_per_step(cfg).items():
-        have = train_rows.get(stage)
+        phase = TRAINING_PHASES[stage]
+        have = train_rows.get(phase)
         if have is not None and need > have:
             procs = f" ({world} processes)" if world > 1 else ""
             out.append(Violation(fields + ("data.data_split",),
                                  f"{' x '.join(fields)} = {need} rows per {stage} step{procs}, but {known_from} "
-                                 f"give the {stage} phase at most {have} training rows"))
+                                 f"give the {phase} phase at most {have} training rows"))
     return out
 
 

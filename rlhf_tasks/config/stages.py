@@ -111,6 +111,52 @@ class RewardConfig(TrainingConfig):
     )
 
 
+class DPOConfig(TrainingConfig):
+    """Method dpo: direct preference optimisation of the SFT policy on the reward phase's preference pairs, with
+    the SFT policy as the reference (no reward model in training). Step loop, engine, LoRA and checkpoints as SFT's."""
+
+    beta: float = Field(
+        0.1, gt=0,
+        description="Strength of the pull to the reference: the implicit reward of an answer is beta x (log-prob "
+        "under the policy - under the reference); the sigmoid loss scales the pair's log-ratio by it, IPO aims the "
+        "log-ratio at 1 / (2 beta). Smaller lets the policy move further from SFT.",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's -log sigmoid(beta x log-ratio) (with dpo.label_smoothing: conservative DPO); "
+        "ipo: IPO's squared loss (log-ratio - 1 / (2 beta))^2, which stops at a finite margin.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5,
+        description="Conservative DPO (loss sigmoid): the share of pairs assumed mislabelled; the loss mixes in "
+        "this much of the flipped pair's loss. 0: plain DPO.",
+    )
+    reference: Literal["auto", "adapter", "copy", "precomputed"] = Field(
+        "auto",
+        description="How the reference (the SFT policy) is computed. adapter: the policy with its LoRA adapters "
+        "disabled (needs dpo.lora.r > 0 and dpo.lora.only_optimize_lora; no second model); copy: a frozen copy of "
+        "the SFT policy (ZeRO-3 partitioned when dpo.zero_stage is 3); precomputed: the reference log-probs of "
+        "every pair computed once, before training, by the SFT policy (no second model during training); auto: "
+        "adapter when LoRA leaves the base frozen, else copy.",
+    )
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=1e-6),
+        description="Optimizer and schedule (DPO moves a policy far with small steps: default peak lr 1e-6).",
+    )
+
+    @property
+    def reference_mode(self) -> str:
+        """`reference` with auto resolved: adapter, copy or precomputed."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if self.lora.r > 0 and self.lora.only_optimize_lora else "copy"
+
+    @model_validator(mode="after")
+    def _reference_and_loss_agree(self):
+        rules.reject(rules.dpo_rules(self))
+        return self
+
+
 class PPOModelConfig(EngineConfig):
     """The DeepSpeed side of one PPO model (actor or critic). PPO's loop owns the rest: the learning rates
     (`ppo.actor_lr`, `ppo.critic_lr`), the seed, checkpoints and logging."""
@@ -279,5 +325,5 @@ class EvalConfig(Section):
         return rules.check_callable_ref(v)
 
 
-__all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "PPOModelConfig", "PPOConfig", "EvalConfig",
-           "OptimConfig"]
+__all__ = ["SourceConfig", "DataConfig", "SFTConfig", "RewardConfig", "DPOConfig", "PPOModelConfig", "PPOConfig",
+           "EvalConfig", "OptimConfig"]

@@ -55,7 +55,9 @@ class OptimConfig(AdamWConfig):
 class EngineConfig(Section):
     """The DeepSpeed engine of one trained model: ZeRO, precision, batch rows per forward, memory savers, LoRA."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage 0-3.")
+    # An int with bounds, not Literal[0, 1, 2, 3]: the Prefect form renders an integer enum's 0 as a blank choice.
+    zero_stage: int = Field(0, ge=0, le=3, strict=True, description="ZeRO stage: 0 (off), 1 (optimizer states "
+                            "sharded across processes), 2 (+ gradients) or 3 (+ parameters).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and parameters at stage 3).")
     micro_batch_size: int = Field(

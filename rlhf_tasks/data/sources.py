@@ -6,7 +6,12 @@ A source `path` is one of
   - a local file (.jsonl, .json, .parquet, .csv);
   - a local folder: DeepSpeed-Chat's local/jsonfile layout (`train.json` + `eval.json`, also under `data/`), or
     data files whose names start with a split name (train*, eval*/test*/validation*); other files count as train;
-  - a hub dataset name (`Dahoas/rm-static`), read with `datasets.load_dataset(name, revision=, split=)`.
+  - a hub dataset name (`Dahoas/rm-static`), read with `datasets.load_dataset(name, revision=, split=)`;
+  - one data file at an fsspec URL (`s3://bucket/data.jsonl`), opened with the store's rules (store.open_fs: the
+    store's endpoint, else AWS_ENDPOINT_URL; credentials from the environment), copied once into the local cache
+    per object version (URL, ETag, size) and read like a local file. It enters the data key by content: the
+    sha256 of its bytes, as a local file with the same name and bytes would (moving a file to the bucket keeps the
+    key); an object over `REMOTE_HASH_LIMIT_BYTES` by its ETag and size instead.
 Local files are read with Hugging Face `datasets` as well (json/parquet/csv builders). JSON that the Arrow reader
 rejects is re-read line by line so that a broken line is reported as `source:line:json`.
 
@@ -24,7 +29,7 @@ from pathlib import Path
 from ..config import SourceConfig
 from ..errors import ConfigError, DataError
 from ..hub import resolve_hub_revision
-from ..store import default_hashes
+from ..store import cache_root, default_hashes, is_remote, open_fs, sha256_file
 from . import constraints, demo
 from .gold import known_gold_scorers
 
@@ -32,6 +37,25 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
 SHIPPED = {"demo": demo.DATA_FILE, "constraints": constraints.DATA_FILE}  # source path -> file in the package
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+REMOTE_HASH_LIMIT_BYTES = 4 << 30  # larger remote objects are fingerprinted by ETag + size, not by their bytes
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One data file at a URL, as listed when the source was resolved: what identifies this version of it."""
+
+    url: str
+    fs: object = field(repr=False, compare=False)
+    path: str = ""
+    size: int = 0
+    etag: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def version(self) -> dict:
+        return {"url": self.url, "etag": self.etag, "size": self.size}
 
 
 @dataclass
@@ -45,6 +69,7 @@ class ResolvedSource:
     root: Path | None = None
     files: dict[str, list[Path]] = field(default_factory=dict)  # "train"/"eval" -> files (local kinds)
     has_eval: bool = False  # the source has its own eval split (else one is carved out of train)
+    remote: RemoteObject | None = None  # kind "remote": the object at the URL
 
     @property
     def hub(self) -> str | None:
@@ -70,12 +95,71 @@ def _split_of(path: Path, root: Path) -> str | None:
     return None
 
 
-def resolve_source(src: SourceConfig, where: str = "data.sources") -> ResolvedSource:
-    """Check a source's path and classify it. ConfigError (naming `where`) when it cannot be used."""
+def _resolve_remote(src: SourceConfig, where: str, endpoint_url: str | None) -> ResolvedSource:
+    """A source at a URL: one data file, listed (not read) now. ConfigError naming `where` when the URL's scheme
+    is unknown, or the object is missing, a folder or unreachable."""
+    url = src.path
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    suffix = Path(name).suffix.lower()
+    if suffix not in BUILDERS:
+        raise ConfigError(f"{where}.path: {url}: a remote source is one data file ({', '.join(BUILDERS)})")
+    if src.eval_split:
+        raise ConfigError(f"{where}.eval_split: a single file has no splits (use a folder or a hub dataset)")
+    try:
+        fs, path = open_fs(url, endpoint_url)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"{where}.path: {url}: {_short(e)}") from None
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}.path: no such object: {url}") from None
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, refused credentials, a bucket we cannot see
+        raise ConfigError(f"{where}.path: cannot read {url}: {_short(e)}") from None
+    if info.get("type") == "directory":
+        raise ConfigError(f"{where}.path: {url} is a folder; a remote source is one data file")
+    etag = info.get("ETag") or info.get("etag")
+    obj = RemoteObject(url, fs, path, int(info.get("size") or 0), str(etag).strip('"') if etag else None)
+    return ResolvedSource(src, src.name or Path(name).stem, "remote", where, remote=obj)
+
+
+def remote_copy(obj: RemoteObject, where: str) -> Path:
+    """A local copy of `obj` in the cache (`<cache>/remote-sources/<version hash>/<name>`), downloaded once per
+    object version and checked for its listed size. DataError naming `where` when the download fails."""
+    import hashlib
+    import os
+    import uuid
+
+    version_hash = hashlib.sha256(repr(sorted(obj.version().items())).encode()).hexdigest()[:16]
+    folder = cache_root() / "remote-sources" / version_hash
+    target = folder / obj.name
+    if obj.etag and target.is_file() and target.stat().st_size == obj.size:  # this version, downloaded before
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{obj.name}.{uuid.uuid4().hex}"
+    try:
+        obj.fs.get_file(obj.path, str(tmp))
+        if tmp.stat().st_size != obj.size:
+            raise DataError(f"{where}.path: {obj.url} changed while it was read ({tmp.stat().st_size} bytes, "
+                            f"listed {obj.size}); run again")
+        os.replace(tmp, target)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, credentials: one line
+        raise DataError(f"{where}.path: cannot download {obj.url}: {_short(e)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def resolve_source(src: SourceConfig, where: str = "data.sources", endpoint_url: str | None = None) -> ResolvedSource:
+    """Check a source's path and classify it. ConfigError (naming `where`) when it cannot be used. `endpoint_url`:
+    the S3-compatible endpoint of a URL source (the store's; default AWS_ENDPOINT_URL)."""
     if src.gold not in (None, "none"):
         if src.gold not in known_gold_scorers():
             raise ConfigError(f"{where}.gold: unknown gold scorer {src.gold!r} "
                               f"(known: {', '.join(known_gold_scorers())}, or none)")
+    if is_remote(src.path):
+        return _resolve_remote(src, where, endpoint_url)
     if src.path in SHIPPED:
         shipped = SHIPPED[src.path]
         return ResolvedSource(src, src.name or src.path, "demo", where, shipped.parent, {"train": [shipped]})
@@ -129,9 +213,9 @@ def _resolve_folder(src: SourceConfig, p: Path, where: str) -> ResolvedSource:
     return ResolvedSource(src, name, "folder", where, p, files, "eval" in files)
 
 
-def resolve_sources(sources: list[SourceConfig]) -> list[ResolvedSource]:
+def resolve_sources(sources: list[SourceConfig], endpoint_url: str | None = None) -> list[ResolvedSource]:
     """Resolve every source and check the blend settings (unique names, weights on all or none)."""
-    out = [resolve_source(s, f"data.sources[{i}]") for i, s in enumerate(sources)]
+    out = [resolve_source(s, f"data.sources[{i}]", endpoint_url) for i, s in enumerate(sources)]
     if not out:
         raise ConfigError("data.sources: at least one source is needed")
     seen: dict[str, str] = {}
@@ -158,13 +242,22 @@ def hub_dataset_revision(r: ResolvedSource) -> str:
                                 revision_field=f"{r.where}.revision")
 
 
-def fingerprint_source(src: SourceConfig, where: str = "data.sources") -> dict:
+def fingerprint_source(src: SourceConfig, where: str = "data.sources", endpoint_url: str | None = None) -> dict:
     """What a data stage key records about a source: sha256 of every local file it reads (shipped tasks: their file;
-    hashes remembered per file version), or the hub name and the commit SHA it resolves to. Reads bytes only;
-    nothing is parsed or downloaded."""
-    r = resolve_source(src, where)
+    hashes remembered per file version), or the hub name and the commit SHA it resolves to. A URL source: the
+    sha256 of its bytes under its file name (the same record as a local file's), remembered per object version so
+    an unchanged object costs one listing; over REMOTE_HASH_LIMIT_BYTES its URL, ETag and size. Reads bytes only;
+    nothing is parsed; only URL sources are downloaded (once per version)."""
+    r = resolve_source(src, where, endpoint_url)
     if r.kind == "hub":
         return {"kind": "hub", "name": src.path, "revision": hub_dataset_revision(r)}
+    if r.kind == "remote":
+        obj = r.remote
+        if obj.etag and obj.size > REMOTE_HASH_LIMIT_BYTES:
+            return {"kind": "remote-object", **obj.version()}
+        version = obj.version() if obj.etag else None  # without an ETag no version can be recognised: read it
+        sha = default_hashes().sha256(version, lambda: sha256_file(remote_copy(obj, where)))
+        return {"kind": "file", "files": {obj.name: sha}}
     files = sorted({f for fs in r.files.values() for f in fs})
     hashes = default_hashes()
     return {"kind": r.kind, "files": {f.relative_to(r.root).as_posix(): hashes.local_sha256(f) for f in files}}
@@ -292,7 +385,8 @@ def load_source(r: ResolvedSource) -> LoadedSource:
             splits[split], cols = _load_hub(r, hub_split)
             columns.update(cols)
     else:
-        for split, files in r.files.items():
+        files_of = {"train": [remote_copy(r.remote, r.where)]} if r.kind == "remote" else r.files
+        for split, files in files_of.items():
             rows: list[RawRow] = []
             for f in files:
                 left = None if r.cfg.max_rows is None else r.cfg.max_rows - len(rows)

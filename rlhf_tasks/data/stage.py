@@ -68,7 +68,7 @@ def collect(cfg: PipelineConfig, tokenizer=None, include_hub: bool = True):
     seen: dict[tuple, str] = {}
     memo: dict[str, tuple] = {}
     pools, info, truncated, all_loaded = [], {}, 0, True
-    for r in resolve_sources(dc.sources):
+    for r in resolve_sources(dc.sources, cfg.store.endpoint_url):
         entry = {"path": r.cfg.path, "kind": r.kind, "sft_only": r.cfg.sft_only, "weight": r.cfg.weight}
         info[r.name] = entry
         if r.kind == "hub" and not include_hub:
@@ -221,6 +221,18 @@ def prepare(cfg: PipelineConfig, out_dir: str | Path, tokenizer=None) -> dict:
     return summary
 
 
+def check_sources_unchanged(cfg: PipelineConfig, planned: list[dict] | None) -> None:
+    """The data key names the sources' content at plan time; a source rewritten since (a bucket object replaced
+    while the job queued) would make an artifact its key does not describe. DataError naming the source."""
+    from ..stages import data_source_fingerprints
+
+    if planned is None:
+        return
+    for i, (now, then) in enumerate(zip(data_source_fingerprints(cfg), planned)):
+        if now != then:
+            raise DataError(f"data.sources[{i}].path: {cfg.data.sources[i].path} changed since the plan; run again")
+
+
 def run(spec) -> str:
     """The stage job: build the artifact in the job's scratch folder and commit it under the stage key."""
     from ..stages import commit_stage_output, hub_pins
@@ -230,6 +242,7 @@ def run(spec) -> str:
         _log(f"cached: {spec.output_uri}")
         return spec.output_uri
     cfg = spec.pipeline_config()
+    check_sources_unchanged(cfg, spec.key_inputs.get("sources"))
     pin = hub_pins(spec.key_inputs).get(tokenizer_ref(cfg))
     if pin:  # a hub tokenizer: load (and record in data_info) exactly the commit the data key names
         cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"revision": pin})})

@@ -24,7 +24,17 @@ MAX_PANELS = 12
 # the update statistics and the gold score, plotted first and together.
 PPO_GLANCE = ("reward/score_mean", "kl/ref", "entropy", "response/length", "policy/approx_kl", "policy/clipfrac",
               "gold/mean", "response/eos_rate")
-STAGE_TITLES = {"data": "Data", "sft": "SFT", "reward": "Reward model", "ppo": "PPO", "eval": "Evaluation"}
+STAGE_TITLES = {"data": "Data", "sft": "SFT", "reward": "Reward model", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO",
+                "dpo": "DPO", "eval": "Evaluation"}  # every stage (rlhf_tasks.stages.STAGE_DEFS), in pipeline order
+
+
+def _save(fig, path: Path) -> bool:
+    """Lay out, write `path` (its folder made) and free the figure; True, for the plot functions to return."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def _is_num(v) -> bool:
@@ -81,11 +91,7 @@ def plot_history(history: list[dict], title: str, path: Path, max_panels: int = 
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_eval_scores(samples: list[dict], policies: list[str], path: Path) -> bool:
@@ -112,11 +118,7 @@ def plot_eval_scores(samples: list[dict], policies: list[str], path: Path) -> bo
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Held-out answers", fontsize=12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def safe_name(name: str) -> str:
@@ -141,3 +143,25 @@ def make_plots(curves: dict[str, list[dict]], samples: list[dict], policies: lis
     if plot_eval_scores(samples, policies, out_dir / "plots/eval_scores.png"):
         made["eval_scores"] = "plots/eval_scores.png"
     return made
+
+
+def plot_scores_against_kl(points: list[tuple[str, float, dict[str, float]]], path: Path) -> bool:
+    """A sweep at a glance: one panel per score (e.g. {"gold score": .., "reward-model score": ..}) against the
+    KL to the reference, one labelled point per (label, kl, scores) entry. Points without a finite KL, and
+    scores missing from every point, are left out; returns False (writes nothing) when nothing is left."""
+    points = [(label, kl, s) for label, kl, s in points if _is_num(kl)]
+    names = [n for n in dict.fromkeys(n for _, _, s in points for n in s) if any(_is_num(s.get(n)) for _, _, s in points)]
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pts = [(label, kl, s[name]) for label, kl, s in points if _is_num(s.get(name))]
+        ax.scatter([kl for _, kl, _ in pts], [v for _, _, v in pts], s=28)
+        for label, kl, v in pts:
+            ax.annotate(label, (kl, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("KL to reference (SFT), nats/answer", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Sweep: score against KL", fontsize=12)
+    return _save(fig, path)

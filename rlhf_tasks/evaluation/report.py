@@ -22,6 +22,14 @@ from . import metrics, plots
 
 POLICY_ORDER = ("sft", "ppo", "ema")
 POLICY_TITLES = {"sft": "SFT", "ppo": "PPO", "ema": "PPO (EMA)"}
+METHOD_TITLES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}  # config.methods' rows, as shown
+
+
+def policy_titles(method: str | None) -> dict[str, str]:
+    """Display names of the policies: the method's policy (its summary keys sit in the `ppo` slot) under the
+    method's name (`meta.method` of the eval artifact; older artifacts have none and were PPO's)."""
+    name = METHOD_TITLES.get(method or "ppo", str(method).upper())
+    return {"sft": "SFT", "ppo": name, "ema": f"{name} (EMA)"}
 DECODINGS = ("greedy", "sampled")  # summary key prefixes `greedy/`, `sampled/` (evaluation.stage)
 MAX_CELL = 240
 
@@ -69,17 +77,17 @@ def _pm(summary: dict, key: str) -> str:
     return _fmt(summary[key]) + (f" ± {_fmt(std)}" if std is not None else "")
 
 
-def table_columns(summary: dict) -> list[tuple[str, str, str]]:
+def table_columns(summary: dict, titles: dict[str, str] = POLICY_TITLES) -> list[tuple[str, str, str]]:
     """(column title, policy, key prefix) of the comparison table: each policy under each decoding the summary
     has (`greedy/`, `sampled/` keys), or each policy once (older artifacts with unprefixed keys only)."""
     pols = policies_of(summary)
     decs = [d for d in DECODINGS if f"{d}/rm_sft" in summary]
     if not decs:
-        return [(POLICY_TITLES[p], p, "") for p in pols]
-    return [(f"{POLICY_TITLES[p]} {d}", p, f"{d}/") for d in decs for p in pols]
+        return [(titles[p], p, "") for p in pols]
+    return [(f"{titles[p]} {d}", p, f"{d}/") for d in decs for p in pols]
 
 
-def comparison_rows(summary: dict) -> list[dict[str, str]]:
+def comparison_rows(summary: dict, titles: dict[str, str] = POLICY_TITLES) -> list[dict[str, str]]:
     """The comparison table as rows {metric, <column title>...}; rows with no value for any column are left
     out. Used for report.md and for the Prefect table artifact."""
 
@@ -109,7 +117,7 @@ def comparison_rows(summary: dict) -> list[dict[str, str]]:
         ("distinct-2 (word pairs)", lambda p, pre: _fmt(summary.get(f"{pre}distinct2_{p}"))),
         ("repetition rate (repeated word pairs)", lambda p, pre: _fmt(summary.get(f"{pre}repetition_{p}"))),
     ]
-    cols = table_columns(summary)
+    cols = table_columns(summary, titles)
     rows = []
     for label, fn in spec:
         row = {"metric": label, **{title: fn(p, pre) for title, p, pre in cols}}
@@ -124,7 +132,8 @@ def _cell(text: Any, limit: int = MAX_CELL) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "∅"
 
 
-def sample_rows(samples: list[dict], policies: list[str], n: int) -> list[dict[str, str]]:
+def sample_rows(samples: list[dict], policies: list[str], n: int,
+                titles: dict[str, str] = POLICY_TITLES) -> list[dict[str, str]]:
     """Sample prompts with each policy's answer, RM and gold score: rows for the report and a table artifact."""
     rows = []
     for s in samples[:n]:
@@ -132,7 +141,7 @@ def sample_rows(samples: list[dict], policies: list[str], n: int) -> list[dict[s
         row = {"#": str(idx + 1 if isinstance(idx, int) else len(rows) + 1), "prompt": _cell(s.get("prompt"))}
         for p in policies:
             r = s.get(p) or {}
-            t = POLICY_TITLES[p]
+            t = titles[p]
             row[f"{t} answer"] = _cell(r.get("response"))
             row[f"{t} RM"] = _fmt(r.get("rm"))
             if r.get("gold") is not None:
@@ -164,22 +173,23 @@ def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) 
     meta = doc.get("meta", {}) or {}
     cfg = meta.get("config", {}) or {}
     pols = policies_of(summary)
+    titles = policy_titles(meta.get("method"))
     n_show = int(cfg.get("num_samples_in_report", 8))
     primary = primary_decoding(cfg)
     sampling = f"sampling (temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, seed {cfg.get('seed')})"
     both = any(f"{d}/rm_sft" in summary for d in DECODINGS)
     decoding = (f"answered greedily and by {sampling}; the verdict and the sample answers use the {primary} ones"
                 if both else sampling if primary == "sampled" else "greedy decoding")
-    lines = [f"# RLHF evaluation: {meta.get('experiment', 'experiment')}", ""]
-    line = verdict(summary, primary)
+    lines = [f"# RLHF evaluation: {meta.get('experiment', 'experiment')} (method {titles['ppo']})", ""]
+    line = verdict(summary, primary, titles["ppo"])
     if line:
         lines += [line, ""]
     lines.append(f"{int(summary.get('num_prompts', len(samples)))} held-out prompts, {decoding}, "
                  f"at most {cfg.get('max_new_tokens', '?')} new tokens. Policies: "
-                 + ", ".join(POLICY_TITLES[p] for p in pols) + ".")
-    for note in degeneration_notes(summary, primary):
+                 + ", ".join(titles[p] for p in pols) + ".")
+    for note in degeneration_notes(summary, primary, titles):
         lines += ["", note]
-    lines += ["", SECTIONS[0], "", markdown_table(comparison_rows(summary))]
+    lines += ["", SECTIONS[0], "", markdown_table(comparison_rows(summary, titles))]
     lines += [SECTIONS[1], ""]
     if "rm_accuracy" in summary:
         lines.append(f"Pairwise accuracy on {int(summary.get('num_pairs', 0))} held-out preference pairs: "
@@ -192,7 +202,7 @@ def render_markdown(doc: dict, samples: list[dict], plot_paths: dict[str, str]) 
         lines += ["", "Reward stage summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(up["reward"].items())
                                                            if isinstance(v, (int, float)))]
     lines += ["", SECTIONS[2], ""]
-    lines.append(markdown_table(sample_rows(samples, pols, n_show)))
+    lines.append(markdown_table(sample_rows(samples, pols, n_show, titles)))
     lines += [SECTIONS[3], ""]
     if plot_paths:
         for name, rel in plot_paths.items():
@@ -225,8 +235,8 @@ def _gain_text(summary: dict, pre: str) -> str | None:
     return text + ")"
 
 
-def verdict(summary: dict, primary: str = "greedy") -> str:
-    """One line: did PPO beat SFT on gold beyond noise? Decided on the `primary` decoding's paired bootstrap
+def verdict(summary: dict, primary: str = "greedy", policy: str = "PPO") -> str:
+    """One line: did the `policy` (the method's, PPO by default) beat SFT on gold beyond noise? Decided on the `primary` decoding's paired bootstrap
     interval of the mean gold difference over the held-out prompts (beyond noise = the whole 95% interval above
     zero; worse = below zero); the other decoding's difference, the KL and the prompt count follow."""
     n = int(summary.get("num_prompts", 0))
@@ -234,12 +244,12 @@ def verdict(summary: dict, primary: str = "greedy") -> str:
     g = f"{pre}gold_gain"
     if g not in summary:
         if "win_rate_rm" in summary:
-            return (f"**Verdict: no gold scorer on these prompts**; PPO wins {100 * summary['win_rate_rm']:.0f}% "
-                    f"of {n} prompts under the reward model (which PPO optimised, so this is no proof).")
+            return (f"**Verdict: no gold scorer on these prompts**; {policy} wins {100 * summary['win_rate_rm']:.0f}% "
+                    f"of {n} prompts under the reward model (which {policy} optimised, so this is no proof).")
         return ""
     lo, hi = summary[g + "_ci_low"], summary[g + "_ci_high"]
-    head = ("PPO beat SFT on gold beyond noise" if lo > 0 else "PPO is worse than SFT on gold beyond noise"
-            if hi < 0 else "no gold difference between PPO and SFT beyond noise")
+    head = (f"{policy} beat SFT on gold beyond noise" if lo > 0 else f"{policy} is worse than SFT on gold beyond "
+            "noise" if hi < 0 else f"no gold difference between {policy} and SFT beyond noise")
     parts = [f"{primary} answers {_gain_text(summary, pre)}"]
     other = next((d for d in DECODINGS if d != primary and f"{d}/gold_gain" in summary), None)
     if other:
@@ -250,7 +260,7 @@ def verdict(summary: dict, primary: str = "greedy") -> str:
     return f"**Verdict: {head}** over {n} held-out prompts: " + "; ".join(parts) + "."
 
 
-def degeneration_notes(summary: dict, primary: str = "greedy") -> list[str]:
+def degeneration_notes(summary: dict, primary: str = "greedy", titles: dict[str, str] = POLICY_TITLES) -> list[str]:
     """Warnings when answers are loops (`metrics.repetitive`) or PPO's are much less diverse than SFT's
     (`metrics.less_diverse`), with the likely reason: greedy decoding when only greedy answers loop, PPO when
     only its answers do (reward hacking), the models themselves otherwise."""
@@ -260,13 +270,14 @@ def degeneration_notes(summary: dict, primary: str = "greedy") -> list[str]:
                if metrics.repetitive(summary.get(f"{pre[d]}repetition_{p}", math.nan))}
     notes = []
     if looping:
-        which = ", ".join(f"{POLICY_TITLES[p]} {d} ({summary[pre[d] + 'repetition_' + p]:.2f})"
+        which = ", ".join(f"{titles[p]} {d} ({summary[pre[d] + 'repetition_' + p]:.2f})"
                           for d in decs for p in policies_of(summary) if (d, p) in looping)
         if all(d == "greedy" for d, _ in looping) and "sampled" in decs:
             why = ("only greedy answers loop: the policies' next-token distributions are flat, and always taking "
                    "the top token falls into a cycle (typical of tiny models); judge them by the sampled answers")
         elif all(p != "sft" for _, p in looping):
-            why = "only PPO's answers loop: the policy found repetition the reward model likes (reward hacking)"
+            why = (f"only {titles['ppo']}'s answers loop: the policy found repetition its training signal likes "
+                   "(reward hacking)")
         else:
             why = "the SFT policy loops too: the models are too weak for this task or too briefly trained"
         notes.append(f"**Degenerate answers:** repetition rate above {metrics.REPETITION_COLLAPSE} for {which}; "
@@ -275,8 +286,8 @@ def degeneration_notes(summary: dict, primary: str = "greedy") -> list[str]:
         for p in policies_of(summary):
             ours, ref = summary.get(f"{pre[d]}distinct2_{p}"), summary.get(f"{pre[d]}distinct2_sft")
             if p != "sft" and ours is not None and ref is not None and metrics.less_diverse(ours, ref):
-                notes.append(f"**Less diverse:** {POLICY_TITLES[p]} {d} answers have distinct-2 {ours:.2f}, below "
-                             f"{metrics.DISTINCT_DROP}x SFT's {ref:.2f}: PPO narrowed onto a few answers "
+                notes.append(f"**Less diverse:** {titles[p]} {d} answers have distinct-2 {ours:.2f}, below "
+                             f"{metrics.DISTINCT_DROP}x SFT's {ref:.2f}: {titles['ppo']} narrowed onto a few answers "
                              f"(collapse or reward hacking; read the samples).")
     return notes
 
@@ -424,9 +435,10 @@ def publish_report(source: str | Path, *, markdown: Callable[..., Any], table: C
     out = [markdown(markdown=md, key=f"{k}-report", description=f"Evaluation report ({where})")]
     if table is not None:
         pols = policies_of(summary)
+        titles = policy_titles(meta.get("method"))
         n = int((meta.get("config") or {}).get("num_samples_in_report", 8))
-        out.append(table(table=comparison_rows(summary), key=f"{k}-summary",
-                         description="SFT vs PPO on held-out prompts"))
-        out.append(table(table=sample_rows(samples, pols, n), key=f"{k}-samples",
+        out.append(table(table=comparison_rows(summary, titles), key=f"{k}-summary",
+                         description=f"SFT vs {titles['ppo']} on held-out prompts"))
+        out.append(table(table=sample_rows(samples, pols, n, titles), key=f"{k}-samples",
                          description="Sample answers with reward-model and gold scores"))
     return out

@@ -1,6 +1,9 @@
-"""Evaluation stage: compare the SFT and PPO policies (and the EMA actor when kept) on held-out prompts.
+"""Evaluation stage: compare the SFT policy with the method's (PPO, GRPO, RLOO or DPO; and the EMA actor when kept) on
+held-out prompts.
 
-Inputs (spec.inputs): `data`, `sft`, `reward`, `ppo` artifact URIs. For each policy, greedy and seeded sampled
+Inputs (spec.inputs): `data`, `sft`, `reward` and the method's policy artifact URIs (config.methods.eval_inputs);
+the method's policy takes the `ppo` slot of the summary keys (gold_ppo, win_rate_gold, ...), and the report names
+it by `meta.method`. For each policy, greedy and seeded sampled
 answers to the data artifact's ppo/eval prompts are scored by the reward model, where a row names one by the gold
 scorer, and by `eval.reward_fn` when set. The summary has, per decoding, mean/std of each score, PPO-vs-SFT win rates and the paired gold
 difference with its bootstrap interval and sign test, KL of the PPO policy to the reference (the SFT policy) on
@@ -362,8 +365,8 @@ def run(spec) -> str:
     t0 = time.time()
     summary, samples = evaluate(inputs, ecfg, device, log=lambda s: print(s, flush=True))
     summary["eval_seconds"] = round(time.time() - t0, 3)
-    meta = {"experiment": cfg.experiment, "inputs": dict(spec.inputs), "output_uri": spec.output_uri,
-            "config": ecfg.model_dump(mode="json")}
+    meta = {"experiment": cfg.experiment, "method": cfg.method, "inputs": dict(spec.inputs),
+            "output_uri": spec.output_uri, "config": ecfg.model_dump(mode="json")}
     scratch = Path(spec.run_dir) if spec.run_dir else Path(tempfile.mkdtemp(prefix="rlhf-eval-"))
     out_dir = scratch / "eval-artifact"
     if out_dir.exists():

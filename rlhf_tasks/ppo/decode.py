@@ -3,11 +3,12 @@
     decoder = StaticDecoder(hf_causal_lm, compile_step=False)
     sequences = decoder.generate(input_ids, attention_mask, settings)   # [B, P] left padded -> [B, P + N]
 
-One prefill over the (bucketed) prompt, then one forward of the model's own decoder per new token into a KV cache
-preallocated for (batch, prompt width + max_new_tokens) (transformers' `StaticCache`), with the attention mask
-built by us once per step (a 4D mask is passed through by the model as is) and the next token chosen by the small
-tensor functions below (temperature, top-k, top-p, min new tokens, EOS stop, pad after EOS). Prompt widths are
-rounded up to a multiple of `bucket` and never shrink within a decoder, so the decode step sees the same shapes
+One prefill over the (bucketed) prompt, its leading tokens that every row shares (a chat template's system prompt:
+`shared_prefix_length`) computed once for the batch, then one forward of the model's own decoder per new token into
+a KV cache preallocated for (batch, prompt width + max_new_tokens) (transformers' `StaticCache`), with the attention
+mask built by us once per step (a 4D mask is passed through by the model as is) and the next token chosen by the
+small tensor functions below (temperature, top-k, top-p, min new tokens, EOS stop, pad after EOS). Prompt widths
+are rounded up to a multiple of `bucket` and never shrink within a decoder, so the decode step sees the same shapes
 every call: `torch.compile` of the step (CUDA graphs on GPU) compiles once per stage, not per step.
 
 The output follows `generate`'s contract: sequences [B, P + n] with n <= max_new_tokens the number of steps until
@@ -198,14 +199,49 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def prefill_attention(key_mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Who may attend to whom in the prefill: query q sees key k <= q that is a real token, and itself (a padding
-    query attends only to itself, so its hidden state stays finite: a NaN there would reach the cache).
-    key_mask [B, L] (1 for real tokens) -> allowed [B, 1, width, L] bool"""
+def prefill_attention(key_mask: torch.Tensor, width: int, start: int = 0) -> torch.Tensor:
+    """Who may attend to whom in the prefill of cache slots [start, width): query q sees key k <= q that is a real
+    token, and itself (a padding query attends only to itself, so its hidden state stays finite: a NaN there would
+    reach the cache). key_mask [B, L] (1 for real tokens) -> allowed [B, 1, width - start, L] bool"""
     L = key_mask.shape[1]
-    q = torch.arange(width, device=key_mask.device)[:, None]
+    q = torch.arange(start, width, device=key_mask.device)[:, None]
     k = torch.arange(L, device=key_mask.device)[None, :]
     return ((k <= q) & (key_mask.bool()[:, None, None, :] | (k == q)))
+
+
+def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading real tokens every left-padded prompt has in common (a chat template's system prompt), at
+    most the shortest prompt's length minus one (every row keeps a token of its own to predict from).
+    input_ids, mask [B, P] -> c"""
+    lengths = mask.long().sum(1)
+    B, P = input_ids.shape
+    shortest = int(lengths.min())
+    if B < 2 or shortest < 2:
+        return 0
+    # the j-th real token of every row, j < shortest: row i's real tokens start at column P - length_i
+    cols = (P - lengths)[:, None] + torch.arange(shortest - 1, device=input_ids.device)[None, :]
+    firsts = input_ids.gather(1, cols)
+    same = (firsts == firsts[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def shared_prefix_layout(input_ids: torch.Tensor, mask: torch.Tensor, c: int, width: int,
+                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts re-laid for a shared prefix of c tokens: the prefix in slots [0, c) (the same in every
+    row, so its keys and values are computed once), each row's remaining tokens right-aligned at `width`, padding
+    between. Positions counted over real tokens (`prompt_positions`) are the same as in the left-padded layout.
+    input_ids, mask [B, P] (P <= width) -> (ids [B, width], mask [B, width])"""
+    B, P = input_ids.shape
+    own = mask.bool() & (mask.long().cumsum(1) > c)  # real tokens after the prefix: all in columns [c, P)
+    ids = torch.full((B, width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    new_mask = torch.zeros((B, width), dtype=mask.dtype, device=mask.device)
+    first_row_start = P - int(mask[0].sum())
+    ids[:, :c] = input_ids[0, first_row_start:first_row_start + c]
+    new_mask[:, :c] = 1
+    tail = width - (P - c)
+    ids[:, tail:] = torch.where(own[:, c:], input_ids[:, c:], torch.full_like(input_ids[:, c:], pad_id))
+    new_mask[:, tail:] = own[:, c:].to(mask.dtype)
+    return ids, new_mask
 
 
 def attention_bias(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
@@ -227,8 +263,10 @@ class StaticDecoder:
     same)."""
 
     def __init__(self, model: torch.nn.Module, *, compile_step: bool = False, bucket: int = 16,
-                 check_every: int = 1):
+                 check_every: int = 1, min_shared_prefix: int = 8):
         self.model, self.bucket, self.check_every = model, bucket, check_every
+        self.min_shared_prefix = min_shared_prefix
+        self.last_shared_prefix = 0  # tokens of the last call's prompts computed once for all rows
         self.compile_step = compile_step
         self.width = 0  # bucketed prompt width: only grows, so shapes repeat
         self.compile_s = 0.0
@@ -244,6 +282,19 @@ class StaticDecoder:
         out = self.model(input_ids=tokens, attention_mask=mask4d, position_ids=positions, cache=cache,
                          use_cache=True, **self._keep_logits)
         return out.logits[:, -1].float()
+
+    def _prefill_shared_prefix(self, prefix, positions, cache, batch: int, impl: str, dtype) -> None:
+        """The keys and values of the prompts' shared prefix, computed for one row and written into every row's
+        cache slots [0, c) (the prefill of a batch of chat prompts is mostly their common system prompt).
+        prefix, positions [1, c]"""
+        from transformers import DynamicCache
+
+        own = DynamicCache()
+        allowed = prefill_attention(torch.ones_like(prefix), prefix.shape[1])
+        self.model(input_ids=prefix, attention_mask=attention_bias(allowed, impl, dtype), position_ids=positions,
+                   cache=own, use_cache=True, **self._keep_logits)
+        for i, layer in enumerate(own.layers):
+            cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
 
     def _step(self, tokens, positions, mask4d, cache, finished, n_generated, noise, s: SamplingSettings, eos_ids):
         """One decode step: forward one token per row, choose the next. tokens, positions [B, 1], mask4d
@@ -283,10 +334,16 @@ class StaticDecoder:
         N = s.max_new_tokens
         self.width = max(self.width, round_up(P, self.bucket))
         W, L = self.width, self.width + N
-        extra = W - P
-        ids = torch.nn.functional.pad(input_ids, (extra, 0), value=s.pad_token_id)
+        c = shared_prefix_length(input_ids, attention_mask)
+        c = c if c >= self.min_shared_prefix else 0
+        self.last_shared_prefix = c
+        if c:
+            ids, prompt_mask = shared_prefix_layout(input_ids, attention_mask, c, W, s.pad_token_id)
+        else:
+            ids = torch.nn.functional.pad(input_ids, (W - P, 0), value=s.pad_token_id)
+            prompt_mask = torch.nn.functional.pad(attention_mask, (W - P, 0), value=0)
         key_mask = torch.zeros(B, L, dtype=torch.long, device=dev)
-        key_mask[:, extra:P + extra] = attention_mask
+        key_mask[:, :W] = prompt_mask
         impl = attention_implementation(model.config)
         dtype = next(model.parameters()).dtype
         eos_ids = torch.tensor(s.eos_token_ids or [-1], dtype=torch.long, device=dev)
@@ -296,7 +353,10 @@ class StaticDecoder:
         cuda_graphs = self.compile_step and dev.type == "cuda"
 
         positions = prompt_positions(key_mask[:, :W])
-        logits = self._forward(ids, positions, attention_bias(prefill_attention(key_mask, W), impl, dtype), cache)
+        if c:
+            self._prefill_shared_prefix(ids[:1, :c], positions[:1, :c], cache, B, impl, dtype)
+        logits = self._forward(ids[:, c:], positions[:, c:],
+                               attention_bias(prefill_attention(key_mask, W, start=c), impl, dtype), cache)
         noise = exponential_noise(logits.shape, dev) if s.do_sample else None
         zero = torch.zeros((), dtype=torch.long, device=dev)
         tokens, finished = mark_finished(choose_next(logits, s, eos_ids, zero, noise),

@@ -30,8 +30,10 @@ from .hybrid import deepspeed_he_config, make_hybrid_engine
 
 
 def updates_per_batch(cfg: PPOConfig) -> int:
-    """Optimizer steps of the actor (and critic) per experience step."""
-    rows = cfg.prompt_batch_size * cfg.generation_batches
+    """Optimizer steps of the actor (and critic) per experience step: mini-batches of the experience buffer, whose
+    rows are every answer (samples_per_prompt per prompt), times the epochs. The LR schedule is sized by it: an
+    undercount ends a cosine schedule early and, past its end, transformers' cosine climbs back to the peak LR."""
+    rows = cfg.prompt_batch_size * cfg.samples_per_prompt * cfg.generation_batches
     return cfg.ppo_epochs * math.ceil(rows / cfg.mini_batch_size)
 
 

@@ -129,7 +129,10 @@ class PortableHybridEngine(HybridEngine):
         self.gather_zero3 = gather_zero3
         dev = next(self.module.parameters()).device
         self.path, compile_step, self.choice = resolve_generation(generation, dev)
+        # prompt widths are bucketed so a compiled step sees repeating shapes; an eager step would only pay the
+        # bucket's padding columns in every prefill
         self.decoder = decode.StaticDecoder(plain_hf_model(self.module), compile_step=compile_step,
+                                            bucket=16 if compile_step else 1,
                                             check_every=8 if dev.type == "cuda" else 1)
         self.last_compile_s = 0.0
         self._model_reason: str | None | object = _UNCHECKED  # why the loop cannot run this model (None: it can)

@@ -103,7 +103,8 @@ def summarize(history: list[dict], total: int, start_step: int, world: int, wall
         if vals:
             out[f"{name}_final"] = sum(vals) / len(vals)
     out["gen_compile_s"] = round(sum(r.get("time/gen_compile_s", 0.0) for r in rows), 3)
-    for k in ("time/step_s", "time/generation_s", "time/train_s", "gen/tokens_per_s", "samples_per_s"):
+    for k in ("time/step_s", "time/generation_s", "time/train_s", "gen/tokens_per_s", "gen/decode_tokens_per_s",
+              "samples_per_s"):
         vals = sorted(r[k] for r in rows if k in r)
         if vals:
             out[f"{k.replace('/', '_')}_median"] = vals[len(vals) // 2]

@@ -246,18 +246,19 @@ class PPOTrainer:
         seqs = eng.hybrid.generate(ids, pmask, **self.generation_kwargs())
         t_gen = time.perf_counter() - t0
         responses = seqs[:, P:]
+        decoded = responses.numel()  # rows x decode steps, pad after EOS included: what the decoder computed
         if responses.shape[1] == 0:  # nothing generated at all: one EOS per row
             responses = torch.full((seqs.shape[0], 1), self.eos_id, dtype=seqs.dtype, device=dev)
         rmask, has_eos = pm.response_mask_after_eos(responses, self.eos_id)
         responses = torch.where(rmask.bool(), responses, torch.full_like(responses, self.pad_id))
         seqs = torch.cat([ids, responses], dim=1)
         mask = torch.cat([pmask, rmask.long()], dim=1)
-        decoded: list[list[str]] = []
+        decoded_texts: list[list[str]] = []
 
         def texts() -> list[str]:  # decoded once, when gold or a reward function first needs them
-            if not decoded:
-                decoded.append(self._texts(responses, rmask))
-            return decoded[0]
+            if not decoded_texts:
+                decoded_texts.append(self._texts(responses, rmask))
+            return decoded_texts[0]
 
         t1 = time.perf_counter()
         # each forward under inference_forward: ZeRO-3 weights gathered once per model instead of per layer
@@ -302,6 +303,7 @@ class PPOTrainer:
             "time/gen_compile_s": getattr(eng.hybrid, "last_compile_s", 0.0),
             "time/experience_s": t_exp,
             "count/gen_tokens": n_tokens,
+            "count/gen_decoded": decoded,
             **score_stats,
             **adv_stats,
         }
@@ -411,6 +413,9 @@ class PPOTrainer:
         # compile/warm-up time (first steps of a stage only) is reported apart, not counted against throughput
         gen_s = stats["time/generation_s"] - stats["time/gen_compile_s"]
         stats["gen/tokens_per_s"] = stats.pop("count/gen_tokens") / max(gen_s, 1e-9)
+        # answer tokens above count only what each row kept (up to its EOS); the decoder runs every row until the
+        # last one ends, so this rate (rows x steps per second) is the one comparable with `generate` benchmarks
+        stats["gen/decode_tokens_per_s"] = stats.pop("count/gen_decoded") / max(gen_s, 1e-9)
         stats["samples_per_s"] = len(exp) / stats["time/step_s"]
         return reduce_stats(stats)
 

@@ -4,6 +4,7 @@
   distributed           process group alone or under a launcher, rank/world, device, collectives, seeding
   engine                the generated DeepSpeed config, `build_engine`, LoRA, gradient checkpointing
   private_internals     every read or patch of a library's private internals (DeepSpeed, torch, transformers)
+  op_builds             DeepSpeed's JIT-compiled ops: a `[build]` line before a compile, `prebuild` ahead of time
   export                `save_hf`: a consolidated plain HF folder (ZeRO-3 gathered, LoRA merged, safetensors)
   checkpoint            `CheckpointManager`: full training checkpoints in the store, resume from the newest good one
   resumable             `ResumableRun`: the resume scaffolding of every stage job (SFT, RM, PPO) and its commit

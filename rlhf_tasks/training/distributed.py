@@ -29,6 +29,9 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if not torch.distributed.is_initialized():
+        from .op_builds import COMM_OPS, announce_pending_builds
+
+        announce_pending_builds(COMM_OPS)  # DeepSpeed's comm backend compiles its CPU op on first use: say so
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s))

@@ -190,6 +190,10 @@ def build_engine(model, tcfg, *, lr: float | None = None, total_steps: int = 1, 
     def make_scheduler(optimizer):
         return get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
+    if o.optimizer == "deepspeed_adam" or (tcfg.offload and tcfg.zero_stage > 0):
+        from .op_builds import adam_ops, announce_pending_builds
+
+        announce_pending_builds(adam_ops(tcfg.offload and tcfg.zero_stage > 0))  # compiled on first use
     optimizer = None
     if o.optimizer == "torch_adamw":
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.adam_betas), eps=o.adam_eps)

@@ -16,6 +16,7 @@ DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the u
   hybrid_engine_injected / _tp_size    DeepSpeed Hybrid Engine: inference layers injected? its TP size (raise)
   supports_static_cache                transformers: the model compiles with a static cache  (fallback: generate)
   attention_implementation             transformers: the attention kernel a config selected     (unset: eager)
+  op_build_pending                     DeepSpeed/torch: would loading this op JIT-compile it now?  (unknown: yes)
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ RELIES_ON: dict[str, tuple[str, ...]] = {
     "hybrid_engine_injected": ("deepspeed.runtime.hybrid_engine.DeepSpeedHybridEngine",),
     "static_cache_support": ("transformers.PreTrainedModel._can_compile_fullgraph",),
     "attention_implementation": ("transformers.PretrainedConfig._attn_implementation",),
+    "op_build_pending": ("deepspeed.git_version_info.installed_ops", "deepspeed.git_version_info.accelerator_name",
+                         "torch.utils.cpp_extension._get_build_directory"),
 }
 ENGINE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "skip_single_process_allreduce": ("enable_backward_allreduce",),            # any engine
@@ -447,3 +450,26 @@ def attention_implementation(config) -> str:
     """The attention kernel transformers selected for a model's `config` (`_attn_implementation`: "sdpa",
     "eager", "flash_attention_2", ...); unset means eager."""
     return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def op_build_pending(builder) -> str | None:
+    """The folder a DeepSpeed op builder would JIT-compile into when `builder.load()` ran now, or None when it
+    would not compile: the op came prebuilt with DeepSpeed (`installed_ops`, same accelerator), or torch's
+    extension folder (`_get_build_directory`, under TORCH_EXTENSIONS_DIR) already holds its compiled module.
+    What `OpBuilder.load` and `torch.utils.cpp_extension.load` decide from (ninja still checks the sources, which
+    costs a second). With those names gone: the folder is unknown and a build is assumed (`"?"`), which only
+    announces a build that may not come."""
+    import os
+
+    if missing_internals("op_build_pending"):
+        _warn_once("op_build_pending", f"cannot tell whether DeepSpeed op {builder.name} is compiled yet "
+                   f"({', '.join(missing_internals('op_build_pending'))} missing); announcing a build")
+        return "?"
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get(builder.name, False) and accelerator_name == get_accelerator().device_name():
+        return None
+    folder = _get_build_directory(builder.name, verbose=False)
+    return None if os.path.exists(os.path.join(folder, f"{builder.name}.so")) else folder
