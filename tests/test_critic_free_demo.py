@@ -7,14 +7,17 @@ gold measure.
 The settings are the demo's documented `--set` lines for grpo/rloo (README, critic-free RL): 4 prompts x 4 answers
 per step, so an experience buffer has PPO's 16 rows (the same 4 updates a step), the KL to the SFT policy as a k3
 term in the loss (GRPO's recipe), scores whitened per batch as the tiny preset does (RLOO's advantages are in
-score units)."""
+score units), except the KL coefficient: 0.2 here against the preset's 0.04. This measure averages greedy and sampled
+answers, and at 0.04 the reward-model runs drifted far enough that greedy answers ran to the token limit: gold fell
+(grpo 0.498 -> 0.289) or rose by less than the margin (rloo +0.095). At 0.2, measured over seeds 1-3: grpo on the RM
++0.109/+0.131/+0.137, rloo +0.220/+0.327 (seeds 1-2)."""
 import pytest
 
 from test_ppo_demo import MARGIN, demo_models, run_ppo  # noqa: F401  (demo_models is a fixture)
 
 pytestmark = pytest.mark.slow
 CRITIC_FREE = dict(max_new_tokens=16, prompt_batch_size=4, samples_per_prompt=4, mini_batch_size=8, ppo_epochs=2,
-                   actor_lr=1e-4, kl_in="loss", kl_loss_coef=0.04, whiten_rewards=True, seed=1)
+                   actor_lr=1e-4, kl_in="loss", kl_loss_coef=0.2, whiten_rewards=True, seed=1)
 GOLD_FN = {"reward": "fn", "reward_fn": "rlhf_tasks.data.demo:gold_score"}
 CASES = {"grpo-rm": ("grpo", {}), "grpo-gold-fn": ("grpo", GOLD_FN), "rloo-rm": ("rloo", {})}
 
