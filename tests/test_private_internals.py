@@ -179,3 +179,30 @@ def test_op_build_pending_tells_a_compiled_op_from_one_to_compile(tmp_path, monk
     assert folder == str(tmp_path / "ext" / builder.name)
     (Path(folder) / f"{builder.name}.so").write_bytes(b"")
     assert internals.op_build_pending(builder) is None
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build lock left by a killed job (older than a compile takes) would make every later load of the op wait
+    forever in torch's FileBaton: the announcement before a load removes it and says so; a fresh one (a live
+    build in another job) is left alone. DeepSpeed's real builder, torch's real extension folder."""
+    import os
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+
+    from rlhf_tasks.training import op_builds
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = Path(internals.op_build_lock(builder))
+    assert lock == tmp_path / "ext" / builder.name / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_bytes(b"")  # fresh: a build running elsewhere
+    lines: list[str] = []
+    op_builds.announce_pending_builds(["ShareMemCommBuilder"], print_line=lines.append)
+    assert lock.exists() and not any("stale build lock" in line for line in lines)
+    old = time.time() - op_builds.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    op_builds.announce_pending_builds(["ShareMemCommBuilder"], print_line=lines.append)
+    assert not lock.exists()
+    assert any(line.startswith(op_builds.BUILD_PREFIX) and "stale build lock" in line for line in lines)

@@ -9,11 +9,14 @@ setup`, infra/Dockerfile).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 
-BUILD_PREFIX = "[build] "  # the line a job prints before a compile (parsed by flows/observe.py)
+BUILD_PREFIX = "[build] "
+# A build lock older than this was left by a killed process: a live holder keeps it for one compile (minutes).
+STALE_LOCK_S = 30 * 60  # the line a job prints before a compile (parsed by flows/observe.py)
 COMM_OPS = ("ShareMemCommBuilder",)  # built when the process group starts (DeepSpeed's TorchBackend)
 ADAM_OPS = ("CPUAdamBuilder", "FusedAdamBuilder")  # DeepSpeed's Adam on CPU / on an accelerator
 
@@ -43,9 +46,13 @@ def announce_pending_builds(class_names, print_line=print) -> list[str]:
     the other ranks wait for the same build). Returns the op names announced."""
     from .private_internals import op_build_pending  # torch and DeepSpeed: only in the job, not in the flow
 
-    pending = [(b.name, op_build_pending(b)) for b in _builders(class_names)]
+    builders = _builders(class_names)
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    for b in builders if rank0 else ():
+        clear_stale_build_lock(b, print_line=print_line)
+    pending = [(b.name, op_build_pending(b)) for b in builders]
     pending = [(n, f) for n, f in pending if f is not None]
-    if os.environ.get("LOCAL_RANK", "0") != "0":
+    if not rank0:
         return [n for n, _ in pending]
     for name, folder in pending:
         print_line(f"{BUILD_PREFIX}compiling DeepSpeed op {name} (once per machine, a few minutes on a small CPU; "
@@ -62,6 +69,26 @@ def setup_ops(with_adam: bool) -> tuple[str, ...]:
     from deepspeed.accelerator import get_accelerator
 
     return COMM_OPS + (ADAM_OPS if get_accelerator().device_name() != "cpu" else ADAM_OPS[:1])
+
+
+def clear_stale_build_lock(builder, max_age_s: float = STALE_LOCK_S, print_line=print) -> bool:
+    """Remove the op's build lock (private_internals.op_build_lock) when it is older than `max_age_s`, saying so:
+    a job killed while compiling (or while torch checked the compiled module) would otherwise make every later
+    job on this machine wait on it forever, silently. Returns whether a lock was removed."""
+    from .private_internals import op_build_lock
+
+    lock = op_build_lock(builder)
+    try:
+        age = time.time() - os.stat(lock).st_mtime if lock else None
+    except FileNotFoundError:
+        return False
+    if age is None or age < max_age_s:
+        return False
+    with contextlib.suppress(FileNotFoundError):  # another job may have cleared it first
+        os.remove(lock)
+    print_line(f"{BUILD_PREFIX}removed a stale build lock of DeepSpeed op {builder.name} ({lock}, {age / 60:.0f} min "
+               f"old: left by a killed build)")
+    return True
 
 
 def prebuild(class_names=COMM_OPS, print_line=print) -> list[str]:

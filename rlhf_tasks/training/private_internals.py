@@ -17,6 +17,7 @@ DeepSpeed versions they were verified on (`VERIFIED_DEEPSPEED`); on others the u
   supports_static_cache                transformers: the model compiles with a static cache  (fallback: generate)
   attention_implementation             transformers: the attention kernel a config selected     (unset: eager)
   op_build_pending                     DeepSpeed/torch: would loading this op JIT-compile it now?  (unknown: yes)
+  op_build_lock                        torch: the lock file a load holds while it checks/compiles (unknown: None)
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ RELIES_ON: dict[str, tuple[str, ...]] = {
     "attention_implementation": ("transformers.PretrainedConfig._attn_implementation",),
     "op_build_pending": ("deepspeed.git_version_info.installed_ops", "deepspeed.git_version_info.accelerator_name",
                          "torch.utils.cpp_extension._get_build_directory"),
+    "op_build_lock": ("torch.utils.cpp_extension._get_build_directory", "torch.utils.file_baton.FileBaton"),
 }
 ENGINE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "skip_single_process_allreduce": ("enable_backward_allreduce",),            # any engine
@@ -473,3 +475,17 @@ def op_build_pending(builder) -> str | None:
         return None
     folder = _get_build_directory(builder.name, verbose=False)
     return None if os.path.exists(os.path.join(folder, f"{builder.name}.so")) else folder
+
+
+def op_build_lock(builder) -> str | None:
+    """The lock file torch's `cpp_extension.load` holds while it checks and (re)compiles a DeepSpeed op:
+    `<build folder>/lock`, a `FileBaton` made with O_EXCL and removed on release. A process killed while holding it
+    leaves it behind, and every later load of the op then waits for it forever (`FileBaton.wait` polls for the
+    file). None when the names this relies on are gone (then nothing can be said about the lock)."""
+    import os
+
+    if missing_internals("op_build_lock"):
+        return None
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.join(_get_build_directory(builder.name, verbose=False), "lock")
